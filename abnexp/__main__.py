@@ -1,0 +1,4 @@
+"""``python -m abnexp <command> ...`` (what ``torchrun -m abnexp`` runs)."""
+from abnexp.cli import main
+
+main()

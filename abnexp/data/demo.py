@@ -1,0 +1,82 @@
+"""The demo dataset: real photographs, tiny, deterministic, learnable, no download.
+
+Ten of scikit-image's bundled sample photographs are the ten classes; each image of a class is a
+random crop (10–60 % of the photograph's area, random aspect ratio and flip) resized to 64×64
+pixels. Train and validation crops come from different random streams. The set is written once
+in the ImageNet layout (``train/<class>/*.JPEG``, ``val/<class>/*.JPEG``) under
+``$ABNEXP_CACHE`` (default ``~/.cache/abnexp``) and then read through the same ImageFolder path
+as ImageNet. Generation takes a few seconds and is atomic (temporary folder + rename).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SOURCES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+           "hubble_deep_field", "rocket")
+IMAGE_SIZE = 64  # pixels
+PER_CLASS = {"train": 80, "val": 20}
+VERSION = 1  # bump when the generated content changes
+
+
+def cache_dir() -> Path:
+    """``$ABNEXP_CACHE`` or ``~/.cache/abnexp``."""
+    return Path(os.environ.get("ABNEXP_CACHE", Path.home() / ".cache" / "abnexp")).expanduser()
+
+
+def _photo(name: str) -> Image.Image:
+    from skimage import data as skdata
+
+    arr = np.asarray(getattr(skdata, name)())
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    return Image.fromarray(arr).convert("RGB")
+
+
+def _random_crop(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    w, h = photo.size
+    area = rng.uniform(0.1, 0.6) * w * h
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw = int(min(w, round(np.sqrt(area * aspect))))
+    ch = int(min(h, round(np.sqrt(area / aspect))))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    crop = photo.crop((x, y, x + cw, y + ch)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+    return crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
+
+
+def _write(root: Path) -> None:
+    for label, name in enumerate(SOURCES):
+        photo = _photo(name)
+        for split_id, (split, count) in enumerate(PER_CLASS.items()):
+            rng = np.random.default_rng([VERSION, label, split_id])
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _random_crop(photo, rng).save(folder / f"{name}_{i:04d}.JPEG", quality=90)
+
+
+def ensure_demo(root: str | Path | None = None) -> Path:
+    """Returns the demo dataset folder, generating it first if it does not exist yet.
+
+    Args:
+        root: where to put it; None → ``cache_dir() / f"demo_imagenet_v{VERSION}"``.
+    """
+    root = Path(root).expanduser() if root else cache_dir() / f"demo_imagenet_v{VERSION}"
+    if (root / "val").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write(tmp)
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / "val").is_dir():  # another process finished first: keep theirs
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

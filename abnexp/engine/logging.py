@@ -1,0 +1,80 @@
+"""Run logging on rank 0: console (tqdm bar on a terminal, plain periodic lines otherwise),
+TensorBoard scalars and ``metrics.jsonl`` (one JSON object per line) in the run dir."""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("abnexp")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated by torch (bytes) on CUDA; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class RunLogger:
+    """Writes training and validation scalars. Does nothing when ``enabled`` is False (rank ≠ 0).
+
+    Args:
+        run_dir: the run directory (metrics.jsonl and TensorBoard event files go there).
+        total_steps: optimizer steps of the whole run (the bar's length).
+        start_step: steps already done (on resume: TensorBoard's purge_step, so that events
+            logged after the checkpoint by an interrupted run are dropped).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, start_step: int = 0):
+        self.enabled = enabled
+        self.bar = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step if start_step > 0 else None)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, unit="step")
+
+    def _row(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+
+    def train(self, step: int, epoch: int, scalars: dict, advance: int = 0) -> None:
+        """Logs training scalars (loss, lr, images_per_s, peak_memory_bytes) at ``step``."""
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.writer.add_scalar(f"train/{k}", v, step)
+        self._row({"split": "train", "step": step, "epoch": epoch, **scalars})
+        if self.bar is not None:
+            self.bar.update(advance)
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.3g}")
+        else:
+            log.info("epoch %d step %d  loss %.4f  lr %.4g  %.1f img/s", epoch, step, scalars["loss"],
+                     scalars["lr"], scalars["images_per_s"])
+
+    def val(self, step: int, epoch: int, metrics: dict) -> None:
+        """Logs validation metrics (top1, top5 in percent, ...) at ``step``."""
+        if not self.enabled:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"val/{k}", v, step)
+        self._row({"split": "val", "step": step, "epoch": epoch, **metrics})
+        text = "  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        (self.bar.write if self.bar is not None else log.info)(f"epoch {epoch} validation: {text}")
+
+    def close(self) -> None:
+        if self.enabled:
+            if self.bar is not None:
+                self.bar.close()
+            self.writer.close()
+            self.jsonl.close()

@@ -1,0 +1,182 @@
+"""The training loop shared by every task (modelled on torchvision's reference scripts).
+
+One call of :func:`train` runs a whole job in ``run_dir``: build data, model, optimizer and
+schedule from the config; resume if a checkpoint is given or the run dir already has one;
+train for ``trainer.epochs`` (or until ``trainer.max_steps`` optimizer steps); validate and
+checkpoint every epoch and at the end.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from abnexp.data.sampling import ResumableSampler, SeededDataset
+from abnexp.engine.checkpoint import (LAST, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
+                                      set_rng_state)
+from abnexp.engine.distributed import DistEnv, dist_env, init_distributed
+from abnexp.engine.logging import RunLogger, peak_memory_bytes
+from abnexp.engine.optim import EpochLR, build_optimizer
+from abnexp.errors import AbnexpError, ConfigError
+from abnexp.tasks import build_task
+
+log = logging.getLogger("abnexp")
+
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingDiverged(AbnexpError):
+    """The loss became NaN or infinite."""
+
+
+def select_device(name: str, env: DistEnv) -> torch.device:
+    """``auto`` → this process's CUDA device if CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    if name != "cpu":
+        raise ConfigError(f"device={name!r}; valid: auto, cpu, cuda")
+    return torch.device("cpu")
+
+
+def amp_dtype(cfg) -> torch.dtype | None:
+    return AMP_DTYPES[getattr(cfg.amp, "value", cfg.amp)]
+
+
+def make_eval_loader(dataset, cfg, ten_crop: bool = False) -> DataLoader:
+    """Sequential loader over a validation set (ten-crop batches hold 10× the images)."""
+    batch = max(1, cfg.data.batch_size // (10 if ten_crop else 1))
+    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.data.num_workers,
+                      pin_memory=torch.cuda.is_available())
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train(cfg, run_dir: str | Path) -> dict:
+    """Trains ``cfg`` in ``run_dir``; returns the last validation metrics.
+
+    Raises:
+        ConfigError / DatasetError: bad configuration or data, before training starts.
+        TrainingDiverged: non-finite loss; the last checkpoint written stays intact.
+    """
+    run_dir = Path(run_dir)
+    env = dist_env()
+    device = select_device(cfg.device, env)
+    init_distributed(device)
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg)
+    model = task.build_model().to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_set, val_set = task.datasets()
+    train_set = SeededDataset(train_set, cfg.seed)
+    sampler = ResumableSampler(train_set, cfg.seed, env.world_size, env.rank)
+    batch_size = cfg.data.batch_size
+    steps_per_epoch = len(sampler.sampler) // batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size={batch_size} is larger than the {len(sampler.sampler)} training "
+                          f"samples per process; lower data.batch_size")
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+                        drop_last=True, pin_memory=device.type == "cuda")
+    val_loader = make_eval_loader(val_set, cfg)
+    optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size)
+    scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
+    autocast_dtype = amp_dtype(cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+    epoch, step, metrics = 0, 0, {}
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        epoch, step, metrics = state["epoch"], state["step"], state["metrics"]
+        if step - epoch * steps_per_epoch and state["steps_per_epoch"] != steps_per_epoch:
+            log.warning("resuming mid-epoch with a different number of steps per epoch (%d, was %d): "
+                        "epoch %d restarts from its beginning", steps_per_epoch, state["steps_per_epoch"], epoch)
+            step = epoch * steps_per_epoch
+        log.info("resumed from %s (epoch %d, step %d)", resume_from, epoch, step)
+    if env.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    total_steps = cfg.trainer.epochs * steps_per_epoch
+    if cfg.trainer.max_steps:
+        total_steps = min(total_steps, cfg.trainer.max_steps)
+    logger = RunLogger(run_dir, env.is_main, total_steps, start_step=step)
+    ckpt_path = run_dir / "checkpoints" / LAST
+
+    def checkpoint() -> None:
+        if env.is_main:
+            save_checkpoint({
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch, "metrics": metrics,
+                "config": OmegaConf.to_yaml(cfg, resolve=True)}, ckpt_path)
+
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    try:
+        while epoch < cfg.trainer.epochs and not (cfg.trainer.max_steps and step >= cfg.trainer.max_steps):
+            model.train()
+            done_in_epoch = step - epoch * steps_per_epoch
+            train_set.set_epoch(epoch)
+            sampler.set_epoch(epoch, start=done_in_epoch * batch_size)
+            window_loss, window_steps, window_images, t0 = 0.0, 0, 0, time.perf_counter()
+            for i, batch in enumerate(loader, start=done_in_epoch):
+                if i >= steps_per_epoch:
+                    break
+                scheduler.set_progress(epoch + i / steps_per_epoch)
+                with amp:
+                    loss, n = task.loss(model, batch, device, cfg.channels_last)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. The last good "
+                        f"checkpoint ({ckpt_path if ckpt_path.exists() else 'none written yet'}) is intact. "
+                        f"Lower optim.lr, set trainer.grad_clip, or use amp=none.")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.trainer.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                window_loss += loss.item()
+                window_steps += 1
+                window_images += n * env.world_size
+                if step % cfg.trainer.log_every == 0 or i + 1 == steps_per_epoch:
+                    seconds = time.perf_counter() - t0
+                    logger.train(step, epoch, {
+                        "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                        "images_per_s": window_images / max(seconds, 1e-9),
+                        "peak_memory_bytes": peak_memory_bytes(device)}, advance=window_steps)
+                    window_loss, window_steps, window_images, t0 = 0.0, 0, 0, time.perf_counter()
+                if cfg.trainer.max_steps and step >= cfg.trainer.max_steps:
+                    break
+            if step == (epoch + 1) * steps_per_epoch:
+                epoch += 1
+                if epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
+                    metrics = task.validate(model, val_loader, device, autocast_dtype, cfg.channels_last)
+                    logger.val(step, epoch, metrics)
+            checkpoint()
+    finally:
+        logger.close()
+    log.info("run dir: %s", run_dir)
+    return metrics

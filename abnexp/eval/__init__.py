@@ -1,0 +1,1 @@
+"""Evaluators, one per task, and ``abnexp eval`` (see run.py)."""
