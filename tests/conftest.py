@@ -1,0 +1,39 @@
+"""Shared fixtures: one generated demo dataset per test session (in a temporary cache folder)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """Points $ABNEXP_CACHE at a session folder so tests never touch ~/.cache."""
+    path = tmp_path_factory.mktemp("abnexp_cache")
+    old = os.environ.get("ABNEXP_CACHE")
+    os.environ["ABNEXP_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ABNEXP_CACHE", None)
+    else:
+        os.environ["ABNEXP_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def demo_root(demo_cache):
+    from abnexp.data.demo import ensure_demo
+
+    return ensure_demo()
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Runs ``abnexp <args>`` in this process; returns (exit code, stdout, stderr)."""
+    from abnexp.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -1,0 +1,105 @@
+"""Unit tests of the engine pieces against hand-computed values."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from abnexp.engine.checkpoint import load_checkpoint, save_checkpoint
+from abnexp.engine.optim import EpochLR, param_groups
+from abnexp.errors import ConfigError
+
+
+def sched(name, **kw):
+    base = dict(name=name, warmup_epochs=0.0, warmup_factor=0.1, milestones=[30, 60], gamma=0.1,
+                power=0.9, final_lr=0.0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def lr_after(cfg, t, total=90, lr=0.1):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    s = EpochLR(opt, cfg, total)
+    s.set_progress(t)
+    return opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("t,expected", [(0, 0.1), (29.99, 0.1), (30, 0.01), (59, 0.01), (60, 0.001), (89, 0.001)])
+def test_step_schedule(t, expected):
+    assert lr_after(sched("step"), t) == pytest.approx(expected)
+
+
+def test_linear_poly_cosine_and_warmup():
+    assert lr_after(sched("linear", final_lr=1e-6), 45) == pytest.approx((0.1 + 1e-6) / 2)
+    assert lr_after(sched("linear", final_lr=1e-6), 90) == pytest.approx(1e-6)
+    assert lr_after(sched("poly"), 45) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert lr_after(sched("cosine"), 30) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi / 3)))
+    # warm-up over 5 epochs from 0.1×: at 2.5 epochs the factor is 0.1 + 0.9 × 0.5 = 0.55
+    assert lr_after(sched("step", warmup_epochs=5), 2.5) == pytest.approx(0.1 * 0.55)
+    with pytest.raises(ConfigError):
+        lr_after(sched("exp"), 1)
+
+
+def test_scheduler_state_restores_progress_not_base_lr():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    s = EpochLR(opt, sched("step"), 90)
+    s.set_progress(40)
+    opt2 = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    s2 = EpochLR(opt2, sched("step"), 90)
+    s2.load_state_dict(s.state_dict())
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.02)
+
+
+def test_param_groups_exclude_norm_and_bias():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    groups = param_groups(model, 1e-4, decay_norm_and_bias=False)
+    assert [len(g["params"]) for g in groups] == [2, 4]  # conv.w, fc.w | conv.b, bn.w, bn.b, fc.b
+    assert groups[1]["weight_decay"] == 0.0
+    assert len(param_groups(model, 1e-4, decay_norm_and_bias=True)) == 1
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": "a: 1", "epoch": 1}, path)
+    good = path.read_bytes()
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {}, "config": "", "epoch": 2}, path)
+    assert path.read_bytes() == good
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_checkpoint(tmp_path / "x.pt")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="not an abnexp checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
+    import random
+
+    import numpy as np
+
+    from abnexp.engine.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3), random.seed(3), np.random.seed(3)
+    save_checkpoint({"model": {}, "config": "", "rng": rng_state()}, tmp_path / "c.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.rand(5), random.random(), np.random.rand(4)
+    set_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and got[2] == expected[2]
