@@ -52,9 +52,7 @@ class EpochLR:
         self.optimizer = optimizer
         self.cfg = sched_cfg
         self.total = float(total_epochs)
-        self.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
-        for g, lr in zip(optimizer.param_groups, self.base_lrs):
-            g["initial_lr"] = lr
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.progress = 0.0
 
     def lr_at(self, base_lr: float, t: float) -> float:
@@ -83,8 +81,8 @@ class EpochLR:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"base_lrs": list(self.base_lrs), "progress": self.progress}
+        """Only the progress: base lrs come from the config (so a resumed run may change optim.lr)."""
+        return {"progress": self.progress}
 
     def load_state_dict(self, state: dict) -> None:
-        self.base_lrs = list(state["base_lrs"])
         self.set_progress(state["progress"])
