@@ -99,20 +99,23 @@ class IdentityResidualBlock(nn.Module):
         conv = norm_act.conv
         self.bn1 = norm_act(in_channels)
         if len(channels) == 2:
+            conv1 = conv(in_channels, channels[0], 3, stride=stride, padding=dilation,
+                         dilation=dilation, bias=False)
             layers = [
-                ("conv1", conv(in_channels, channels[0], 3, stride=stride, padding=dilation,
-                               dilation=dilation, bias=False)),
-                ("bn2", norm_act(channels[0])),
+                ("conv1", conv1),
+                ("bn2", norm_act(channels[0], conv=conv1)),
                 ("conv2", conv(channels[0], channels[1], 3, stride=1, padding=dilation,
                                dilation=dilation, bias=False)),
             ]
         else:
+            conv1 = conv(in_channels, channels[0], 1, stride=stride, bias=False)
+            conv2 = conv(channels[0], channels[1], 3, stride=1, padding=dilation,
+                         dilation=dilation, groups=groups, bias=False)
             layers = [
-                ("conv1", conv(in_channels, channels[0], 1, stride=stride, bias=False)),
-                ("bn2", norm_act(channels[0])),
-                ("conv2", conv(channels[0], channels[1], 3, stride=1, padding=dilation,
-                               dilation=dilation, groups=groups, bias=False)),
-                ("bn3", norm_act(channels[1])),
+                ("conv1", conv1),
+                ("bn2", norm_act(channels[0], conv=conv1)),
+                ("conv2", conv2),
+                ("bn3", norm_act(channels[1], conv=conv2)),
                 ("conv3", conv(channels[1], channels[2], 1, stride=1, bias=False)),
             ]
         if dropout is not None:

@@ -43,9 +43,9 @@ class BasicBlock(nn.Module):
         conv = norm_act.conv
         self.conv1 = conv(inplanes, planes, 3, stride=stride, padding=dilation,
                           dilation=dilation, bias=False)
-        self.bn1 = norm_act(planes)
+        self.bn1 = norm_act(planes, conv=self.conv1)
         self.conv2 = conv(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
-        self.bn2 = norm_act(planes, activation="identity")
+        self.bn2 = norm_act(planes, activation="identity", conv=self.conv2)
         self.downsample = downsample
         self.act = norm_act.activation_module()
 
@@ -65,12 +65,12 @@ class Bottleneck(nn.Module):
         super().__init__()
         conv = norm_act.conv
         self.conv1 = conv(inplanes, planes, 1, bias=False)
-        self.bn1 = norm_act(planes)
+        self.bn1 = norm_act(planes, conv=self.conv1)
         self.conv2 = conv(planes, planes, 3, stride=stride, padding=dilation,
                           dilation=dilation, bias=False)
-        self.bn2 = norm_act(planes)
+        self.bn2 = norm_act(planes, conv=self.conv2)
         self.conv3 = conv(planes, planes * self.expansion, 1, bias=False)
-        self.bn3 = norm_act(planes * self.expansion, activation="identity")
+        self.bn3 = norm_act(planes * self.expansion, activation="identity", conv=self.conv3)
         self.downsample = downsample
         self.act = norm_act.activation_module()
 
@@ -110,7 +110,7 @@ class ResNet(nn.Module):
         self.inplanes = 64
         self.dilation = 1
         self.conv1 = norm_act.conv(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_act(64)
+        self.bn1 = norm_act(64, conv=self.conv1)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         dilate = _DILATE[output_stride]
         self.layer1 = self._make_layer(block, 64, layers[0], 1, False, norm_act)
@@ -130,11 +130,8 @@ class ResNet(nn.Module):
             stride = 1
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                norm_act.conv(self.inplanes, planes * block.expansion, 1, stride=stride,
-                              bias=False),
-                norm_act(planes * block.expansion, activation="identity"),
-            )
+            proj = norm_act.conv(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False)
+            downsample = nn.Sequential(proj, norm_act(planes * block.expansion, activation="identity", conv=proj))
         layers = [block(self.inplanes, planes, stride, previous_dilation, downsample, norm_act)]
         self.inplanes = planes * block.expansion
         for _ in range(1, blocks):

@@ -64,11 +64,13 @@ class ResNeXt(nn.Module):
         self.output_stride = output_stride
         conv = norm_act.conv
         if input_3x3:
+            conv1 = conv(3, 64, 3, stride=2, padding=1, bias=False)
+            conv2 = conv(64, 64, 3, stride=1, padding=1, bias=False)
             stem = [
-                ("conv1", conv(3, 64, 3, stride=2, padding=1, bias=False)),
-                ("bn1", norm_act(64)),
-                ("conv2", conv(64, 64, 3, stride=1, padding=1, bias=False)),
-                ("bn2", norm_act(64)),
+                ("conv1", conv1),
+                ("bn1", norm_act(64, conv=conv1)),
+                ("conv2", conv2),
+                ("bn2", norm_act(64, conv=conv2)),
                 ("conv3", conv(64, 64, 3, stride=1, padding=1, bias=False)),
             ]
         else:  # no norm here: the first block's bn1 normalizes the pooled stem output

@@ -21,10 +21,9 @@ class ClassificationTask:
 
     def build_model(self) -> nn.Module:
         """The configured backbone + classifier; raises ConfigError for an invalid model/norm setting."""
-        n, m = self.cfg.norm, self.cfg.model
+        m = self.cfg.model
         try:
-            norm_act = build_norm_act(n.name, activation=n.activation, activation_param=n.activation_param,
-                                      eps=n.eps, momentum=n.momentum)
+            norm_act = build_norm_act(**self.cfg.norm)  # the norm group's keys are its arguments
             return build_model(m.name, norm_act, num_classes=self.cfg.data.num_classes,
                                output_stride=m.output_stride, input_3x3=m.input_3x3)
         except ValueError as e:  # the builders' messages name the setting and the valid values
