@@ -10,37 +10,29 @@ import pytest
 import torch
 from torch import nn
 
+from abnexp.memory import SavedBytes
 from abnexp.norm import NORM_LAYERS, build_norm_act, convert
 
 
-class SavedStorages:
-    """Context manager recording {storage data_ptr: nbytes} of every saved tensor."""
-
-    def __init__(self):
-        self.storages: dict[int, int] = {}
-
-    def _pack(self, t):
-        s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    def __enter__(self):
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-    def has(self, t) -> bool:
-        return t.untyped_storage().data_ptr() in self.storages
+class SavedStorages(SavedBytes):
+    """SavedBytes counting every storage (parameters too), plus a size filter."""
 
     def full_size(self, nbytes) -> list[int]:
         return [p for p, n in self.storages.items() if n >= nbytes]
+
+
+def test_saved_bytes_counts_each_storage_once():
+    a = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(4, 8, requires_grad=True)
+    with SavedStorages() as saved:
+        y = a * b           # saves a and b
+        z = y.sin() * a     # sin saves y; mul saves sin(y) and a again (same storage)
+    assert saved.has(a) and saved.has(b) and saved.has(y)
+    assert saved.total == 4 * (4 * 8 * 4)  # a, b, y, sin(y): float32
+    with SavedBytes(exclude=[a, b]) as saved:
+        (a * b).sum()
+    assert saved.total == 0
+    del z
 
 
 def conv_input():
