@@ -32,5 +32,6 @@ def test_ten_crop_logits_are_averaged():
 
 
 def test_protocol_names_follow_the_paper():
-    assert [p.name for p in protocols(224, 320)] == ["224_center", "224_10crop", "320_center"]
+    assert [(p.name, p.crop) for p in protocols(224, 320)] == [("center", 224), ("ten_crop", 224),
+                                                              ("large_center", 320)]
     assert [p.ten_crop for p in protocols(224, 320)] == [False, True, False]

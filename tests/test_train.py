@@ -88,20 +88,21 @@ def test_eval_prints_three_protocols_and_writes_json(full_run, capsys):
     code, out, _ = run_cli(["eval", f"checkpoint={full_run / 'checkpoints' / 'last.pt'}"], capsys)
     assert code == 0
     result = json.loads((full_run / "eval.json").read_text())
-    assert list(result["protocols"]) == ["32_center", "32_10crop", "40_center"]
+    assert list(result["protocols"]) == ["center", "ten_crop", "large_center"]
+    assert [r["crop"] for r in result["protocols"].values()] == [32, 32, 40]
     for name, r in result["protocols"].items():
-        assert name in out
+        assert f"({name})" in out
         assert 0 <= r["top1"] <= r["top5"] <= 100 and r["num_samples"] == 200
     # The center-crop protocol is the validation the trainer ran after the last epoch.
     val = [json.loads(r) for r in (full_run / "metrics.jsonl").read_text().splitlines()]
-    assert result["protocols"]["32_center"]["top1"] == pytest.approx(val[-1]["top1"])
+    assert result["protocols"]["center"]["top1"] == pytest.approx(val[-1]["top1"])
 
 
 def test_eval_override_applies(full_run, capsys, tmp_path):
     code, out, _ = run_cli(["eval", f"checkpoint={full_run / 'checkpoints' / 'last.pt'}",
                             "data.large_crop_size=48", "data.batch_size=50"], capsys)
     assert code == 0
-    assert "48_center" in json.loads((full_run / "eval.json").read_text())["protocols"]
+    assert json.loads((full_run / "eval.json").read_text())["protocols"]["large_center"]["crop"] == 48
 
 
 def test_multirun_sweeps_models(tmp_path, capsys):

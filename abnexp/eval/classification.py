@@ -18,16 +18,17 @@ from abnexp.engine.distributed import all_reduce_sum
 
 @dataclass(frozen=True)
 class Protocol:
-    name: str  # key in eval.json, e.g. "224_center", "224_10crop", "320_center"
+    name: str  # key in eval.json: "center", "ten_crop" or "large_center"
     crop: int  # pixels
     ten_crop: bool
 
 
 def protocols(crop_size: int, large_crop_size: int) -> list[Protocol]:
-    """The three protocols of the paper's ImageNet tables for the configured crop sizes."""
-    return [Protocol(f"{crop_size}_center", crop_size, False),
-            Protocol(f"{crop_size}_10crop", crop_size, True),
-            Protocol(f"{large_crop_size}_center", large_crop_size, False)]
+    """The three protocols of the paper's ImageNet tables (224² center, 224² 10-crop and 320²
+    center on ImageNet), named by role so that tables read the same keys at any crop size."""
+    return [Protocol("center", crop_size, False),
+            Protocol("ten_crop", crop_size, True),
+            Protocol("large_center", large_crop_size, False)]
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[int]:

@@ -48,7 +48,8 @@ def output_path(checkpoint: Path) -> Path:
 def format_table(results: dict) -> str:
     lines = ["| protocol | top-1 [%] | top-5 [%] | images |", "|---|---|---|---|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['top1']:.2f} | {r['top5']:.2f} | {r['num_samples']} |")
+        label = f"{r['crop']}² {'10-crop' if r['ten_crop'] else 'center'}"
+        lines.append(f"| {label} ({name}) | {r['top1']:.2f} | {r['top5']:.2f} | {r['num_samples']} |")
     return "\n".join(lines)
 
 
