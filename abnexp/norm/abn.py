@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from abnexp.norm import native
 from abnexp.norm.activations import get_activation
 
 
@@ -139,6 +140,10 @@ class ABN(NormActBase):
     contiguous or channels_last. Output: same shape, dtype and memory layout; the input is
     not modified. Accepts activation leaky_relu (any slope), elu, relu, identity.
 
+    With the native kernels (:mod:`abnexp.norm.native`) the same strategy runs as fused
+    operators: statistics, one normalize + affine + activation pass, and a backward that reads
+    the kept x and z (negative LeakyReLU slopes / ELU alphas stay on the PyTorch path).
+
     Raises:
         ValueError: wrong input rank or channel count; training (or
             track_running_stats=False) with one value per channel ("Expected more than 1
@@ -150,6 +155,12 @@ class ABN(NormActBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         batch_stats, factor, running_mean, running_var = self._stats_mode()
+        if native.enabled(x, self.activation, self.activation_param):
+            from abnexp.norm.checkpoint import STANDARD, checkpointed_abn  # imports this module
+
+            return checkpointed_abn(x, self.weight, self.bias, running_mean, running_var,
+                                    batch_stats, factor, self.eps, self.activation,
+                                    self.activation_param, STANDARD)
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, batch_stats,
                          factor, self.eps)
         return get_activation(self.activation).forward_(y, self.activation_param)

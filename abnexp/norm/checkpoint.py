@@ -16,6 +16,7 @@ else keeps z (a following convolution does keep its input z).
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any, Optional
 
 import torch
@@ -23,10 +24,12 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
+from abnexp.norm import native
 from abnexp.norm.abn import NormActBase
 from abnexp.norm.activations import check_output_form
 
 VARIANTS = ("baseline", "proposed")
+STANDARD = "standard"  # internal: ABN on the native path (keeps x and z, xhat-form backward)
 
 
 def no_autocast(device_type: str):
@@ -38,13 +41,14 @@ def no_autocast(device_type: str):
 
 def batch_or_running_stats(x: Tensor, running_mean: Optional[Tensor],
                            running_var: Optional[Tensor], batch_stats: bool, factor: float,
-                           eps: float) -> tuple[Tensor, Tensor]:
+                           eps: float, use_native: bool = False) -> tuple[Tensor, Tensor]:
     """(mean, invstd) as new (C,) compute-dtype tensors; updates the running stats when
-    ``batch_stats`` and they are given. Raises the torch ValueError for m == 1."""
+    ``batch_stats`` and they are given (batch statistics from the native ``statistics``
+    operator when ``use_native``). Raises the torch ValueError for m == 1."""
     cdt = Fn.compute_dtype(x.dtype)
     if batch_stats:
         Fn.check_batch_size(x)
-        mean, var = Fn.batch_statistics(x)
+        mean, var = native.ops().statistics(x)[:2] if use_native else Fn.batch_statistics(x)
         if running_mean is not None and running_var is not None:
             Fn.update_running_stats(running_mean, running_var, mean, var,
                                     Fn.values_per_channel(x), factor)
@@ -58,28 +62,38 @@ class _CheckpointedABNFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 batch_stats: bool, factor: float, eps: float, activation: str, param: float,
-                variant: str) -> Tensor:
+                variant: str, use_native: bool) -> Tensor:
         with no_autocast(x.device.type):
             mean, invstd = batch_or_running_stats(x, running_mean, running_var, batch_stats,
-                                                  factor, eps)
+                                                  factor, eps, use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device)
-            if variant == "baseline":
-                z = Fn.forward(x, mean, invstd, gamma, beta, activation, param)
-                ctx.save_for_backward(x, mean, invstd, weight, bias)
+            if variant != "proposed":
+                z = (native.ops().forward(x, mean, invstd, gamma, beta, activation, param)
+                     if use_native else Fn.forward(x, mean, invstd, gamma, beta, activation, param))
+                kept = (x, mean, invstd, weight, bias) + ((z,) if variant == STANDARD else ())
+                ctx.save_for_backward(*kept)
             else:
-                xhat = Fn.normalize(x, mean, invstd)
-                z = Fn.affine_activation(xhat, gamma, beta, activation, param)
+                if use_native:
+                    zero, one = torch.zeros_like(mean), torch.ones_like(mean)
+                    xhat = native.ops().forward(x, mean, invstd, one, zero, "identity", 0.0)
+                    z = native.ops().forward(xhat, zero, one, gamma, beta, activation, param)
+                else:
+                    xhat = Fn.normalize(x, mean, invstd)
+                    z = Fn.affine_activation(xhat, gamma, beta, activation, param)
                 ctx.save_for_backward(xhat, invstd, weight, bias)
-        ctx.cfg = (batch_stats, activation, param, variant, x.dtype)
+        ctx.cfg = (batch_stats, activation, param, variant, x.dtype, use_native)
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dz: Tensor):
-        batch_stats, activation, param, variant, dtype = ctx.cfg
+        refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dz)  # see native.grad_writable
+        batch_stats, activation, param, variant, dtype, use_native = ctx.cfg
+        if use_native:
+            return _native_backward(ctx, dz, refs)
         with no_autocast(dz.device.type):
-            if variant == "baseline":
-                x, mean, invstd, weight, bias = ctx.saved_tensors
+            if variant != "proposed":  # baseline (and STANDARD, which also keeps z)
+                x, mean, invstd, weight, bias = ctx.saved_tensors[:5]
                 xhat = Fn.normalize(x, mean, invstd, dtype=invstd.dtype)   # recompute BN
             else:
                 xhat, invstd, weight, bias = ctx.saved_tensors
@@ -94,7 +108,39 @@ class _CheckpointedABNFunction(torch.autograd.Function):
                                         Fn.values_per_channel(xhat), batch_stats, dtype)
             dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None
+
+
+def _native_backward(ctx: Any, dz: Tensor, refs: int):
+    """Backward of :class:`_CheckpointedABNFunction` with the native xhat-form operators: x
+    (or the kept xhat, then mean is None) and dL/dz are read twice, nothing full-size is kept
+    besides dL/dx (written into dL/dz when that buffer is exclusively ours)."""
+    batch_stats, activation, param, variant, dtype, _ = ctx.cfg
+    z = mean = None
+    if variant == "proposed":
+        x, invstd, weight, bias = ctx.saved_tensors
+    elif variant == STANDARD:
+        x, mean, invstd, weight, bias, z = ctx.saved_tensors
+    else:
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+    ops = native.ops()
+    with no_autocast(dz.device.type):
+        gamma, beta = Fn.affine_params(weight, bias, x.shape[1], invstd.dtype, x.device)
+        norm = invstd if mean is not None else None
+        sum_dy, sum_dy_xhat = ops.xhat_backward_reduce(x, dz, z, mean, norm, gamma, beta,
+                                                       activation, param)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            args = (z, mean, invstd, gamma, beta, sum_dy, sum_dy_xhat,
+                    Fn.values_per_channel(x), batch_stats, activation, param)
+            if native.grad_writable(dz, refs):
+                ops.xhat_backward_elementwise_(x, dz, *args)
+                dx = dz
+            else:
+                dx = ops.xhat_backward_elementwise(x, dz, *args)
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
 def checkpointed_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -108,11 +154,12 @@ def checkpointed_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     batch statistics; otherwise normalize with the running statistics. Returns a new
     tensor like ``x``; shapes/dtypes as :class:`CheckpointedABN`.
     """
-    if variant not in VARIANTS:
+    if variant not in VARIANTS + (STANDARD,):
         raise ValueError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     return _CheckpointedABNFunction.apply(x, weight, bias, running_mean, running_var,
                                           bool(training), float(momentum), float(eps),
-                                          activation, float(activation_param), variant)
+                                          activation, float(activation_param), variant,
+                                          native.enabled(x, activation, activation_param))
 
 
 class CheckpointedABN(NormActBase):

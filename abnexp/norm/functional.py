@@ -115,6 +115,27 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
+def merge_statistics(mean: Tensor, var: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics of the union of W workers' batches (Chan et al.'s parallel formula).
+
+    Args:
+        mean, var: (W, C) per-worker means and *biased* variances; count: (W,) values per
+            channel of each worker (unequal counts allowed; workers with count 0 are ignored).
+    Returns:
+        (mean, var, count): (C,), (C,) and a 0-dim total, in ``mean``'s dtype (computed in
+        float64): mean = sum n_w mean_w / n, var = sum n_w (var_w + (mean_w - mean)^2) / n.
+    """
+    n = count.double().unsqueeze(1)
+    present = n > 0
+    m = torch.where(present, mean.double(), 0.0)
+    v = torch.where(present, var.double(), 0.0)
+    total = n.sum(0)
+    merged = (m * n).sum(0) / total
+    dev = torch.where(present, m - merged, 0.0)
+    merged_var = (n * (v + dev * dev)).sum(0) / total
+    return merged.to(mean.dtype), merged_var.to(mean.dtype), total.squeeze(0).to(mean.dtype)
+
+
 # ---------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ variant II uses the y-form gradients of the supplementary, Sec. 2).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
+from abnexp.norm import native
 from abnexp.norm.abn import NormActBase
 from abnexp.norm.activations import check_invertible
 from abnexp.norm.checkpoint import batch_or_running_stats, no_autocast
@@ -27,22 +29,29 @@ class _InPlaceABNFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 batch_stats: bool, factor: float, eps: float, activation: str, param: float,
-                variant: str) -> Tensor:
+                variant: str, use_native: bool) -> Tensor:
         with no_autocast(x.device.type):
             mean, invstd = batch_or_running_stats(x, running_mean, running_var, batch_stats,
-                                                  factor, eps)
+                                                  factor, eps, use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device,
                                            eps=eps)
-            z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
+            if use_native:
+                native.ops().forward_(x, mean, invstd, gamma, beta, activation, param)
+                z = x
+            else:
+                z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
         ctx.mark_dirty(z)
         ctx.save_for_backward(z, invstd, weight, bias)
-        ctx.cfg = (batch_stats, eps, activation, param, variant)
+        ctx.cfg = (batch_stats, eps, activation, param, variant, use_native)
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dz: Tensor):
-        batch_stats, eps, activation, param, variant = ctx.cfg
+        refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dz)  # see native.grad_writable
+        batch_stats, eps, activation, param, variant, use_native = ctx.cfg
+        if use_native:
+            return _native_backward(ctx, dz, refs)
         z, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dz.device.type):
             gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device,
@@ -63,7 +72,34 @@ class _InPlaceABNFunction(torch.autograd.Function):
             dw = (Fn.flip_weight_grad(dgamma, weight)
                   if weight is not None and ctx.needs_input_grad[1] else None)
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None, None
+
+
+def _native_backward(ctx: Any, dz: Tensor, refs: int):
+    """Algorithm 2 with the native operators: one pass over (z, dL/dz) for the sums, one for
+    dL/dx (written into dL/dz when that buffer is exclusively ours); dL/dy and xhat / y are
+    recomputed per element instead of being materialised."""
+    batch_stats, eps, activation, param, variant, _ = ctx.cfg
+    z, invstd, weight, bias = ctx.saved_tensors
+    ops = native.ops()
+    with no_autocast(dz.device.type):
+        gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
+        sum_dy, sum_dy_t = ops.inplace_backward_reduce(z, dz, gamma, beta, activation, param,
+                                                       variant)
+        dgamma = sum_dy_t if variant == "I" else Fn.grad_gamma_y(sum_dy, sum_dy_t, gamma, beta)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            args = (invstd, gamma, beta, sum_dy, sum_dy_t, Fn.values_per_channel(z), batch_stats,
+                    activation, param, variant)
+            if native.grad_writable(dz, refs):
+                ops.inplace_backward_elementwise_(z, dz, *args)
+                dx = dz
+            else:
+                dx = ops.inplace_backward_elementwise(z, dz, *args)
+        dw = (Fn.flip_weight_grad(dgamma, weight)
+              if weight is not None and ctx.needs_input_grad[1] else None)
+        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
 def inplace_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -89,7 +125,8 @@ def inplace_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     check_invertible(activation, activation_param)
     return _InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var,
                                      bool(training), float(momentum), float(eps), activation,
-                                     float(activation_param), variant)
+                                     float(activation_param), variant,
+                                     native.enabled(x, activation, activation_param))
 
 
 class InPlaceABN(NormActBase):

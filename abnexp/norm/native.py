@@ -1,0 +1,343 @@
+"""The native kernel module (kernels/: C++ for CPU, CUDA for GPU) under the normalization layers.
+
+The operators (``torch.ops.abnexp.*``, registered with TORCH_LIBRARY in kernels/ops.cpp) replace
+the reference functions of :mod:`abnexp.norm.functional` one for one:
+
+=================================  ================================================================
+operator                           reference
+=================================  ================================================================
+``statistics``                     :func:`~abnexp.norm.functional.batch_statistics` (+ the count)
+``merge_statistics``               :func:`~abnexp.norm.functional.merge_statistics`
+``forward`` / ``forward_``         :func:`~abnexp.norm.functional.forward` (``out=None`` / ``out=x``)
+``inplace_backward_reduce``        :func:`~abnexp.norm.functional.inplace_backward_reduce` (sums)
+``inplace_backward_elementwise``   :func:`~abnexp.norm.functional.grad_input_xhat` / ``grad_input_y``
+``xhat_backward_reduce``           :func:`~abnexp.norm.functional.checkpoint_backward_reduce` (sums)
+``xhat_backward_elementwise``      :func:`~abnexp.norm.functional.grad_input_xhat`
+=================================  ================================================================
+
+The backward operators take the *saved* tensors (z, or x / xhat) and dL/dz and recompute dL/dy
+and xhat (or y) per element, so no full-size temporary is materialised; the ``*_`` variants write
+dL/dx into the dL/dz buffer (callers use them only when that buffer is exclusively theirs).
+
+The module is built just in time on first use with ``torch.utils.cpp_extension`` (ninja; cached
+in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). CUDA
+sources are built when CUDA is available or when asked (``abnexp kernels build --cuda``); the
+toolkit is ``$CUDA_HOME``, else ``/usr/local/cuda`` (an ``nvcc`` on PATH is never used to guess
+it: it may be a wrapper script). Without a compiler the layers use the PyTorch reference path
+and warn once; ``ABNEXP_NATIVE=0`` (or ``native.ENABLED = False``) forces the reference path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+ENABLED = os.environ.get("ABNEXP_NATIVE", "1") != "0"
+"""Module-level switch: False forces every layer onto the PyTorch reference path."""
+
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+"""Architectures compiled when no GPU is visible (``TORCH_CUDA_ARCH_LIST`` overrides)."""
+HOW_TO_GET = ("install a C++20 compiler (g++ >= 10 or clang++) and ninja (pip install ninja), "
+              "then run `abnexp kernels build` (and `abnexp kernels check`); set ABNEXP_NATIVE=0 "
+              "to use the PyTorch reference path without this warning")
+
+
+class KernelBuildError(RuntimeError):
+    """The native module could not be built or loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What :func:`build` built: extension name, library path, devices, CUDA archs and flags."""
+
+    name: str
+    library: str
+    cuda: bool
+    cuda_archs: tuple[str, ...]
+    cflags: tuple[str, ...]
+    seconds: float
+
+
+_BUILT: Optional[BuildInfo] = None
+_FAILED: Optional[str] = None
+_WARNED: set[str] = set()
+
+
+def kernels_dir() -> Path:
+    """The folder holding the C++/CUDA sources: the packaged ``abnexp.kernels`` (a normal
+    install), else the repository's ``kernels/`` (a source checkout / editable install)."""
+    spec = importlib.util.find_spec("abnexp.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "kernels"
+
+
+def sources(cuda: bool) -> list[Path]:
+    """The translation units: ops.cpp and abn_cpu.cpp, plus abn_cuda.cu when ``cuda``."""
+    names = ["ops.cpp", "abn_cpu.cpp"] + (["abn_cuda.cu"] if cuda else [])
+    return [kernels_dir() / n for n in names]
+
+
+def cuda_home() -> Optional[str]:
+    """``$CUDA_HOME`` (or ``$CUDA_PATH``), else ``/usr/local/cuda`` if it exists, else None."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    return "/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None
+
+
+def nvcc() -> Optional[str]:
+    """The toolkit's ``bin/nvcc`` under :func:`cuda_home`, or None."""
+    home = cuda_home()
+    path = os.path.join(home, "bin", "nvcc") if home else None
+    return path if path and os.path.exists(path) else None
+
+
+def cuda_archs() -> tuple[str, ...]:
+    """``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs' capabilities, else the defaults."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return tuple(a for a in env.replace(";", " ").split() if a)
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return tuple(f"{a}.{b}" for a, b in sorted(caps))
+    return DEFAULT_CUDA_ARCHS
+
+
+def gencode_flags(archs) -> list[str]:
+    """nvcc ``-gencode`` flags for archs like "9.0" (PTX of the newest one for later GPUs)."""
+    nums = [a.replace("+PTX", "").replace(".", "") for a in archs]
+    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in nums]
+    return flags + [f"-gencode=arch=compute_{nums[-1]},code=compute_{nums[-1]}"]
+
+
+def cpu_flags() -> list[str]:
+    """Host compiler flags: -O3, OpenMP (ATen's parallel_for), no FP-exception traps (lets GCC
+    turn the activations' selects into vector blends; results are unchanged) and AVX2/FMA/F16C
+    where the CPU has them (the capability is part of the extension name, so each kind of CPU
+    builds its own)."""
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+def cpp_extension_module():
+    """torch.utils.cpp_extension with CUDA_HOME taken from :func:`cuda_home` (torch guesses it
+    from the nvcc on PATH at import, which is wrong for a wrapper script)."""
+    home = cuda_home()
+    if home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = home
+    from torch.utils import cpp_extension
+
+    cpp_extension.CUDA_HOME = home
+    return cpp_extension
+
+
+def missing_tools(cuda: bool) -> list[str]:
+    """What the build needs and this machine lacks (compiler, ninja, CUDA toolkit)."""
+    missing = []
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        missing.append(f"C++ compiler {cxx!r}")
+    if shutil.which("ninja") is None:
+        missing.append("ninja")
+    if cuda and nvcc() is None:
+        missing.append(f"CUDA toolkit (no bin/nvcc under CUDA_HOME={cuda_home()!r})")
+    return missing
+
+
+def build(cuda: Optional[bool] = None, verbose: bool = False) -> BuildInfo:
+    """Build (or reuse the cached build of) the native module and load it into this process.
+
+    Args:
+        cuda: also compile kernels/abn_cuda.cu; default: when a GPU is visible and the CUDA
+            toolkit is found (else CPU only, and CUDA tensors use the reference path).
+        verbose: print the compiler commands and output.
+
+    Returns:
+        :class:`BuildInfo` of the loaded module (the same object on later calls).
+
+    Raises:
+        KernelBuildError: missing compiler / ninja / CUDA toolkit, a compile error, or a
+            request for CUDA after the CPU-only module was loaded in this process.
+    """
+    global _BUILT
+    cuda = torch.cuda.is_available() and nvcc() is not None if cuda is None else bool(cuda)
+    if _BUILT is not None:
+        if cuda and not _BUILT.cuda:
+            raise KernelBuildError("the CPU-only native module is already loaded in this process; "
+                                   "build with CUDA in a fresh process (abnexp kernels build --cuda)")
+        return _BUILT
+    missing = missing_tools(cuda)
+    if missing:
+        raise KernelBuildError(f"cannot build the native kernels: missing {', '.join(missing)}; "
+                               f"{HOW_TO_GET}")
+    cpp_extension = cpp_extension_module()
+    cflags = cpu_flags()
+    archs = cuda_archs() if cuda else ()
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    name = f"abnexp_kernels_{cap}" + ("_cuda" if cuda else "")
+    start = time.perf_counter()
+    try:
+        library = cpp_extension.load(
+            name=name, sources=[str(s) for s in sources(cuda)], extra_cflags=cflags,
+            extra_cuda_cflags=["-O3"] + gencode_flags(archs) if cuda else None,
+            extra_ldflags=["-fopenmp"], extra_include_paths=[str(kernels_dir())],
+            with_cuda=cuda, is_python_module=False, verbose=verbose)
+    except Exception as err:  # compiler errors come as RuntimeError / CalledProcessError
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise KernelBuildError(f"building the native kernels ({name}) failed: {last}; run "
+                               f"`abnexp kernels build --verbose` to see the compiler output") from err
+    _BUILT = BuildInfo(name, str(library), cuda, tuple(archs), tuple(cflags),
+                       time.perf_counter() - start)
+    _register_fakes()
+    return _BUILT
+
+
+@torch.compiler.assume_constant_result
+def available(device_type: str) -> bool:
+    """Whether the native kernels serve tensors on ``device_type`` ("cpu" / "cuda"); builds
+    them on the first call. On failure the layers fall back to the reference path with one
+    warning that says how to get the native module."""
+    global _FAILED
+    if _BUILT is None and _FAILED is None:
+        try:
+            build()
+        except KernelBuildError as err:
+            _FAILED = str(err)
+    if _FAILED is not None:
+        _warn_once(f"abnexp: using the PyTorch reference path of the normalization layers "
+                   f"({_FAILED})")
+        return False
+    if device_type == "cuda" and not _BUILT.cuda:
+        _warn_once(f"abnexp: CUDA tensors use the PyTorch reference path of the normalization "
+                   f"layers: the native module was built without CUDA kernels ({_BUILT.name}); "
+                   f"set CUDA_HOME to the CUDA toolkit and run `abnexp kernels build --cuda` in a "
+                   f"fresh process, or set ABNEXP_NATIVE=0 to silence this warning")
+    return device_type == "cpu" or (device_type == "cuda" and _BUILT.cuda)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def enabled(x: torch.Tensor, activation: str, param: float) -> bool:
+    """Whether a layer should run ``x`` through the native kernels: the switch is on, x is a
+    float64/32/16 or bfloat16 CPU/CUDA tensor, dL/dy can be computed from the output (no
+    negative LeakyReLU slope / ELU alpha) and the module is (or can be) built."""
+    if not ENABLED or x.dtype not in DTYPES or x.device.type not in ("cpu", "cuda"):
+        return False
+    if activation in ("leaky_relu", "elu") and param < 0:
+        return False
+    return available(x.device.type)
+
+
+def ops():
+    """``torch.ops.abnexp`` (after :func:`build`)."""
+    return torch.ops.abnexp
+
+
+# --------------------------------------------------------------------------------------
+# writing dL/dx into the incoming gradient buffer
+# --------------------------------------------------------------------------------------
+_EXCLUSIVE: Optional[tuple[int, int]] = None  # (Python refs, storage refs) of an exclusive grad
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """References to t's storage (t's and the temporary storage object's); large when the
+    private counter is missing in this torch, so that nothing is written in place."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return count(t.untyped_storage()._cdata) if count is not None else sys.maxsize
+
+
+class _Probe(torch.autograd.Function):
+    """Same call shape as the layers' backward: measures the references the autograd engine
+    itself holds on a gradient nobody else has (the output of the next node's backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dz)
+        global _EXCLUSIVE
+        _EXCLUSIVE = (refs, _storage_refs(dz))
+        return dz
+
+
+def grad_writable(dz: torch.Tensor, refs: int) -> bool:
+    """Whether a backward may write dL/dx into the gradient ``dz`` it received.
+
+    ``refs`` is ``sys.getrefcount(dz)`` taken as the first statement of a
+    ``@once_differentiable`` backward. True only in eager mode without grad mode (no double
+    backward) for a tensor that is exactly its own storage (no expanded gradient such as
+    ``out.sum()``'s, no view of a larger buffer) and that nothing else references: not the
+    caller (an explicit ``grad_output``), not another node (an add handing one gradient to two
+    branches), not a hook that kept it. The engine's own references are measured once with a
+    probe backward of the same shape.
+    """
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or dz.requires_grad:
+        return False
+    if dz._base is not None or getattr(dz, "_use_count", lambda: 2)() != 1 or dz.storage_offset() != 0:
+        return False
+    if dz.untyped_storage().nbytes() != dz.numel() * dz.element_size():
+        return False
+    if _EXCLUSIVE is None:
+        with torch.enable_grad():
+            leaf = torch.zeros(2, requires_grad=True)
+            (_Probe.apply(leaf * 1.0) * 1.0).sum().backward()
+    return refs <= _EXCLUSIVE[0] and _storage_refs(dz) <= _EXCLUSIVE[1]
+
+
+# --------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes, dtypes and strides of the outputs for torch.compile
+# and torch.export; the full-size outputs have the layout of the (first) saved input.
+# --------------------------------------------------------------------------------------
+def _channel_vectors(x: torch.Tensor, k: int):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return tuple(x.new_empty(x.shape[1], dtype=dtype) for _ in range(k))
+
+
+def _register_fakes() -> None:
+    lib = "abnexp::"
+    reg = torch.library.register_fake
+
+    @reg(lib + "statistics")
+    def _(x):
+        mean, var = _channel_vectors(x, 2)
+        return mean, var, mean.new_empty(())
+
+    @reg(lib + "forward")
+    def _(x, mean, invstd, gamma, beta, activation, param):
+        return torch.empty_like(x)
+
+    @reg(lib + "inplace_backward_reduce")
+    def _(z, dz, gamma, beta, activation, param, variant):
+        return _channel_vectors(z, 2)
+
+    @reg(lib + "inplace_backward_elementwise")
+    def _(z, dz, *args):
+        return torch.empty_like(z)
+
+    @reg(lib + "xhat_backward_reduce")
+    def _(x, dz, z, mean, invstd, gamma, beta, activation, param):
+        return _channel_vectors(x, 2)
+
+    @reg(lib + "xhat_backward_elementwise")
+    def _(x, dz, *args):
+        return torch.empty_like(x)
