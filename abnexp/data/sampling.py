@@ -5,6 +5,8 @@ of workers, and an exact continuation when a run resumes mid-epoch.
   torch RNG seeded with (seed, e, i), so augmentation does not depend on worker assignment.
 - :class:`ResumableSampler` wraps torch's DistributedSampler (a shuffled permutation seeded by
   seed + epoch, sharded over ranks) and can start an epoch at an offset.
+- :class:`ShardSampler` splits an evaluation set over ranks without DistributedSampler's
+  padding, so every sample is counted exactly once.
 """
 from __future__ import annotations
 
@@ -53,3 +55,19 @@ class ResumableSampler(Sampler):
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.start, 0)
+
+
+class ShardSampler(Sampler):
+    """Rank ``rank``'s contiguous slice of ``range(num_samples)``, in order (as detectron2's
+    InferenceSampler): the shards are disjoint, cover every index once, and differ in length by
+    at most one; no padding, so a rank may get fewer samples (or none)."""
+
+    def __init__(self, num_samples: int, num_replicas: int = 1, rank: int = 0):
+        self.begin = num_samples * rank // num_replicas
+        self.end = num_samples * (rank + 1) // num_replicas
+
+    def __iter__(self):
+        return iter(range(self.begin, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.begin

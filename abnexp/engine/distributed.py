@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from abnexp.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -32,20 +34,57 @@ def dist_env() -> DistEnv:
                    int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_distributed(device: torch.device) -> DistEnv:
-    """Initializes the default process group when launched by torchrun with WORLD_SIZE > 1
-    (nccl on CUDA, gloo on CPU); a no-op for a single process."""
+def init_distributed() -> DistEnv:
+    """Initializes the default process group when launched by torchrun with WORLD_SIZE > 1;
+    a no-op for a single process or when it is already initialized.
+
+    The backend does not depend on the configured device, so the group can exist before the
+    config is known (abnexp.engine.launch hands rank 0's config over it): with CUDA,
+    "cpu:gloo,cuda:nccl" (nccl for CUDA tensors, gloo for CPU tensors) after selecting the
+    GPU LOCAL_RANK; without CUDA, gloo. Rendezvous comes from torchrun's MASTER_ADDR/PORT.
+    """
     env = dist_env()
     if env.distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if torch.cuda.is_available() and env.local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(env.local_rank)
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return env
 
 
+def broadcast_object(obj=None, src: int = 0):
+    """``obj`` as given on rank ``src``, returned on every rank (pickled, sent over the CPU
+    backend); returns ``obj`` unchanged without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over all processes in place (identity without a process group)."""
+    """Sums ``tensor`` over all processes in place (identity without a process group). Pass a
+    tensor on the training device: nccl reduces CUDA tensors only."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def sync_group(size: int, env: DistEnv):
+    """This rank's group of ``size`` consecutive ranks (ranks 0..size-1, size..2·size-1, ...;
+    e.g. the GPUs of one node), for synchronized normalization; None (all ranks) for size 0
+    or the world size. A collective: every rank calls it.
+
+    Raises:
+        ConfigError: ``size`` does not divide the world size.
+    """
+    if size in (0, env.world_size):
+        return None
+    if size < 0 or env.world_size % size:
+        raise ConfigError(f"launcher.sync_group_size={size} does not divide the {env.world_size} processes; "
+                          f"use 0 (all) or a divisor")
+    return dist.new_subgroups(size)[0]
 
 
 def barrier() -> None:

@@ -51,6 +51,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast_dtype: tor
 
     Batches are (images, targets) with images (B, 3, S, S), or (B, 10, 3, S, S) for ten crops
     whose logits are averaged per image. Returns {"top1", "top5", "num_samples"}.
+    In a distributed run each rank passes its shard (abnexp.data.sampling.ShardSampler).
+
+    Raises:
+        RuntimeError: the number of samples counted over all processes differs from
+            ``len(loader.dataset)`` (a sample skipped or counted twice, e.g. padded shards).
     """
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64)
@@ -66,7 +71,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast_dtype: tor
         logits = logits.float().reshape(len(targets), crops, -1).mean(dim=1).cpu()
         top1, top5 = topk_correct(logits, targets, (1, 5))
         counts += torch.tensor([top1, top5, len(targets)], dtype=torch.float64)
-    all_reduce_sum(counts)
+    counts = all_reduce_sum(counts.to(device)).cpu()  # on the device: nccl reduces CUDA tensors only
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and int(counts[2].item()) != len(dataset):
+        raise RuntimeError(f"validation counted {int(counts[2].item())} samples over all processes but "
+                           f"the dataset has {len(dataset)}: each sample must be evaluated exactly once")
     n = max(counts[2].item(), 1.0)
     return {"top1": 100.0 * counts[0].item() / n, "top5": 100.0 * counts[1].item() / n,
             "num_samples": int(counts[2].item())}

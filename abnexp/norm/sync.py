@@ -1,0 +1,280 @@
+"""Synchronized BN + activation: batch statistics over a torch.distributed process group.
+
+``InPlaceABNSync`` (norm=inplace_abn_sync, variant I; norm=inplace_abn_sync_ii, variant II) and
+``SyncABN`` (norm=syncbn, BatchNorm + activation) normalize with the statistics of the whole
+process group's batch, so N GPUs with B samples each train like one GPU with N·B samples
+(InPlace-ABN, CVPR 2018, Sec. 4 "InPlace-ABN^sync", Tables 2-4).
+
+Forward: every rank computes its per-channel (mean, biased variance, count m_r) and one
+``all_gather`` exchanges them; they are merged with the parallel-variance formula
+(Chan, Golub, LeVeque 1979), so per-rank batch sizes may differ and a rank may hold no sample:
+
+    m = sum_r m_r,   mu = sum_r m_r mu_r / m,   var = sum_r m_r (var_r + (mu_r - mu)^2) / m.
+
+The running statistics are updated with (mu, var, m) on every rank, hence identically.
+Backward: one ``all_reduce`` of the per-channel [sum dL/dy, sum dL/dy * t] (t = xhat, or y for
+InPlace-ABN II) gives the global sums that dL/dx needs; dL/dweight and dL/dbias are the
+*local* sums (DistributedDataParallel sums/averages them like any other parameter gradient).
+The math is abnexp.norm.functional's, shared with the local layers.
+
+The process group is looked up at every call (``process_group=None``: the default group), not
+captured at construction or import (the reference library's issue #219: its sync layer silently
+did not synchronize). Synchronization happens in training mode only; in eval mode, or when
+torch.distributed is not initialized (then with a warning, once per process), or the group
+has a single rank, the layers compute exactly what their local counterparts (ABN, InPlaceABN)
+compute.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from abnexp.errors import AbnexpError
+from abnexp.norm import functional as Fn
+from abnexp.norm.abn import ABN
+from abnexp.norm.activations import get_activation
+from abnexp.norm.checkpoint import no_autocast
+from abnexp.norm.inplace_abn import InPlaceABN
+
+_warned = False
+
+
+def gather_batch_statistics(x: Tensor, group) -> tuple[Tensor, Tensor, int]:
+    """Per-channel mean and biased variance of the batch of all ranks of ``group``.
+
+    Args:
+        x: this rank's input (N, C, *), N may be 0. Every rank of ``group`` must call this.
+    Returns:
+        (mean, var) as (C,) tensors in the compute dtype (float64 for float64 input, else
+        float32) and m, the number of values per channel over the group.
+    Raises:
+        ValueError: m <= 1 (torch BatchNorm's "Expected more than 1 value per channel").
+    """
+    cdt, c, count = Fn.compute_dtype(x.dtype), x.shape[1], Fn.values_per_channel(x)
+    if count > 0:
+        mean, var = Fn.batch_statistics(x)
+    else:
+        mean = var = torch.zeros(c, dtype=cdt, device=x.device)
+    local = torch.cat([mean.double(), var.double(),
+                       torch.full((1,), float(count), dtype=torch.float64, device=x.device)])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    stats = torch.stack(parts)                                  # (ranks, 2C + 1), float64
+    mean_all, var_all, total = Fn.merge_statistics(stats[:, :c], stats[:, c:2 * c], stats[:, 2 * c])
+    total = int(total.item())
+    if total <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{x.size()} on this rank and {total} value(s) per channel over the "
+                         "process group")
+    return mean_all.to(cdt), var_all.to(cdt), total
+
+
+def all_reduce_sums(a: Tensor, b: Tensor, group) -> tuple[Tensor, Tensor]:
+    """(sum over ranks of a, sum over ranks of b) for two (C,) vectors, one all_reduce."""
+    both = torch.cat([a, b])
+    dist.all_reduce(both, group=group)
+    return both[:a.numel()], both[a.numel():]
+
+
+def _group_stats(x, running_mean, running_var, factor, eps, group):
+    mean, var, count = gather_batch_statistics(x, group)
+    if running_mean is not None and running_var is not None:
+        Fn.update_running_stats(running_mean, running_var, mean, var, count, factor)
+    return mean, Fn.inverse_std(var, eps), count
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """y = gamma * xhat + beta with group statistics; keeps x, mean, invstd (standard BN)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
+                eps: float, group) -> Tensor:
+        with no_autocast(x.device.type):
+            mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group)
+            gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device)
+            y = Fn.forward(x, mean, invstd, gamma, beta, "identity", 0.0)
+        ctx.save_for_backward(x, mean, invstd, weight, bias)
+        ctx.cfg = (count, group)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy: Tensor):
+        count, group = ctx.cfg
+        x, mean, invstd, weight, bias = ctx.saved_tensors
+        with no_autocast(dy.device.type):
+            xhat = Fn.normalize(x, mean, invstd, dtype=invstd.dtype)
+            dy = dy.to(invstd.dtype, copy=True)  # our own buffer: grad_input_xhat writes into it
+            sum_dy, sum_dy_xhat = Fn.backward_reduce(dy, xhat)
+            all_dy, all_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, group)
+            gamma, _ = Fn.affine_params(weight, bias, x.shape[1], invstd.dtype, x.device)
+            dx = Fn.grad_input_xhat(dy, xhat, invstd, gamma, all_dy, all_dy_xhat, count, True,
+                                    x.dtype)
+            dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+            db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx if ctx.needs_input_grad[0] else None, dw, db, None, None, None, None, None
+
+
+class _InPlaceABNSyncFunction(torch.autograd.Function):
+    """InPlace-ABN (Algorithms 1-2) with group statistics; keeps z and invstd only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
+                eps: float, activation: str, param: float, variant: str, group) -> Tensor:
+        with no_autocast(x.device.type):
+            mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group)
+            gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device, eps=eps)
+            z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z, invstd, weight, bias)
+        ctx.cfg = (count, eps, activation, param, variant, group)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dz: Tensor):
+        count, eps, activation, param, variant, group = ctx.cfg
+        z, invstd, weight, bias = ctx.saved_tensors
+        with no_autocast(dz.device.type):
+            gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
+            dy, t, sum_dy, sum_dy_t = Fn.inplace_backward_reduce(z, dz, gamma, beta, activation,
+                                                                 param, variant)
+            all_dy, all_dy_t = all_reduce_sums(sum_dy, sum_dy_t, group)
+            if variant == "I":
+                dgamma = sum_dy_t
+                dx = Fn.grad_input_xhat(dy, t, invstd, gamma, all_dy, all_dy_t, count, True, z.dtype)
+            else:
+                dgamma = Fn.grad_gamma_y(sum_dy, sum_dy_t, gamma, beta)
+                dx = Fn.grad_input_y(dy, t, invstd, gamma, beta, all_dy, all_dy_t, count, True,
+                                     z.dtype)
+            dw = Fn.flip_weight_grad(dgamma, weight) if weight is not None and ctx.needs_input_grad[1] else None
+            db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 8
+
+
+class _SyncMixin:
+    """The process-group lookup shared by the synchronized layers."""
+
+    process_group = None
+
+    def sync_group(self):
+        """The group to synchronize with for this call, or None to compute locally."""
+        global _warned
+        if not self.training:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            if not _warned:
+                _warned = True
+                warnings.warn(f"{type(self).__name__}: torch.distributed is not initialized; the "
+                              "synchronized normalization layers use this process's batch statistics "
+                              "(as their local counterparts) until it is", stacklevel=3)
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+
+class SyncABN(_SyncMixin, ABN):
+    """BatchNorm + activation with statistics synchronized over a process group (norm=syncbn).
+
+    Same constructor, buffers, shapes and dtypes as :class:`~abnexp.norm.ABN`, plus
+    ``process_group`` (None: the default group at call time). Keeps x (and z) for backward.
+    Raises ValueError as ABN does, the one-value check counting the whole group's batch.
+    """
+
+    def __init__(self, num_features: int, *args: Any, process_group=None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        group = self.sync_group()
+        if group is None:
+            return super().forward(x)
+        self._check_input(x)
+        _, factor, running_mean, running_var = self._stats_mode()
+        y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var,
+                                         factor, self.eps, group)
+        return get_activation(self.activation).forward_(y, self.activation_param)
+
+
+class InPlaceABNSync(_SyncMixin, InPlaceABN):
+    """InPlace-ABN (variant "I" or "II") with statistics synchronized over a process group
+    (norm=inplace_abn_sync / inplace_abn_sync_ii; the paper's InPlace-ABN^sync).
+
+    Same constructor, semantics (effective scale |weight| + eps, output written into the
+    input) and errors as :class:`~abnexp.norm.InPlaceABN`, plus ``process_group`` (None: the
+    default group at call time). Keeps z and the (C,) 1/sigma for backward.
+    """
+
+    def __init__(self, num_features: int, *args: Any, process_group=None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        group = self.sync_group()
+        if group is None:
+            return super().forward(x)
+        self._check_input(x)
+        _, factor, running_mean, running_var = self._stats_mode()
+        return _InPlaceABNSyncFunction.apply(x, self.weight, self.bias, running_mean, running_var,
+                                             factor, self.eps, self.activation,
+                                             self.activation_param, self.variant, group)
+
+
+SYNC_LAYERS = (SyncABN, InPlaceABNSync)
+
+
+class StatisticsMismatch(AbnexpError):
+    """Running statistics differ between ranks that should share them."""
+
+
+def set_process_group(model: torch.nn.Module, group) -> int:
+    """Makes every synchronized layer of ``model`` synchronize over ``group`` (None: the
+    default group); returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, SYNC_LAYERS)]
+    for m in layers:
+        m.process_group = group
+    return len(layers)
+
+
+@torch.no_grad()
+def check_running_stats_synchronized(model: torch.nn.Module) -> None:
+    """Checks that every synchronized layer holds the same running_mean / running_var on all
+    ranks of its process group (exact equality). A collective: call it on every rank.
+
+    Raises:
+        StatisticsMismatch: on every rank, naming the first layer that differs.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, SYNC_LAYERS) and m.running_mean is not None]
+    if not layers:
+        return
+    diffs = torch.zeros(len(layers), dtype=torch.float64, device=layers[0][1].running_mean.device)
+    groups: dict[int, list[int]] = {}
+    for i, (_, m) in enumerate(layers):
+        groups.setdefault(id(m.process_group), []).append(i)
+    for indices in groups.values():
+        group = layers[indices[0]][1].process_group
+        mine = torch.cat([torch.cat([layers[i][1].running_mean, layers[i][1].running_var]).double()
+                          for i in indices])
+        first = mine.clone()
+        dist.broadcast(first, group=group, group_src=0)
+        sizes = [2 * layers[i][1].num_features for i in indices]
+        for i, d in zip(indices, (mine - first).abs().split(sizes)):
+            diffs[i] = d.max()
+    dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+    bad = torch.nonzero(diffs).flatten().tolist()
+    if bad:
+        name = layers[bad[0]][0]
+        raise StatisticsMismatch(
+            f"running statistics differ across ranks in {len(bad)} synchronized layer(s), first "
+            f"{name or '<root>'} (max |difference| {diffs[bad[0]].item():.3g}); the layers did not "
+            "synchronize, so no checkpoint was written")
