@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -29,7 +30,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ABNEXP_CACHE", Path.home() / ".cache" / "abnexp")).expanduser()
 
 
-def _photo(name: str) -> Image.Image:
+def sample_photo(name: str) -> Image.Image:
     from skimage import data as skdata
 
     arr = np.asarray(getattr(skdata, name)())
@@ -51,13 +52,32 @@ def _random_crop(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def _write(root: Path) -> None:
     for label, name in enumerate(SOURCES):
-        photo = _photo(name)
+        photo = sample_photo(name)
         for split_id, (split, count) in enumerate(PER_CLASS.items()):
             rng = np.random.default_rng([VERSION, label, split_id])
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):
                 _random_crop(photo, rng).save(folder / f"{name}_{i:04d}.JPEG", quality=90)
+
+
+def generate_once(root: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """Creates a generated dataset folder atomically: ``write`` fills a temporary sibling folder
+    that is then renamed to ``root``; nothing happens when ``root / marker`` already exists.
+    Concurrent processes (ranks) each write their own temporary folder; the first rename wins."""
+    if (root / marker).exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.rename(tmp, root)
+    except OSError:
+        if not (root / marker).exists():  # another process finished first: keep theirs
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def ensure_demo(root: str | Path | None = None) -> Path:
@@ -67,16 +87,4 @@ def ensure_demo(root: str | Path | None = None) -> Path:
         root: where to put it; None → ``cache_dir() / f"demo_imagenet_v{VERSION}"``.
     """
     root = Path(root).expanduser() if root else cache_dir() / f"demo_imagenet_v{VERSION}"
-    if (root / "val").is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write(tmp)
-        os.rename(tmp, root)
-    except OSError:
-        if not (root / "val").is_dir():  # another process finished first: keep theirs
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return generate_once(root, "val", _write)

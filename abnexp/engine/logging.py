@@ -63,9 +63,14 @@ class RunLogger:
                      scalars["lr"], scalars["images_per_s"])
 
     def val(self, step: int, epoch: int, metrics: dict) -> None:
-        """Logs validation metrics (top1, top5 in percent, ...) at ``step``."""
+        """Logs validation metrics (top1, top5 in percent, ...) at ``step``. An "images" entry
+        ({tag: uint8 (3, H, W)}, e.g. segmentation overlays) is removed from ``metrics`` and
+        written as TensorBoard images."""
+        images = metrics.pop("images", {})
         if not self.enabled:
             return
+        for tag, image in images.items():
+            self.writer.add_image(tag, image, step)
         for k, v in metrics.items():
             self.writer.add_scalar(f"val/{k}", v, step)
         self._row({"split": "val", "step": step, "epoch": epoch, **metrics})
