@@ -1,0 +1,255 @@
+"""Cross-Iteration Batch Normalization (CBN) + activation (``norm=cbn``).
+
+Source: Yao, Cao, Zheng, Huang, Lin, "Cross-Iteration Batch Normalization" (CVPR 2021),
+Algorithm 1, Eqs. 7-12 and Appendix B; see shared/reference/small_batch_norms.md.
+
+Training iteration t of a layer whose input x = conv(u; theta) is the output of its paired
+convolution (per channel c, reductions over N and the output positions, m values):
+
+* current statistics ``mu_t = mean(x)``, ``nu_t = mean(x^2)`` (gradients flow through these);
+* the closed forms of Appendix B (:func:`conv_statistics_grads`): ``dmu_c/dtheta_c`` = the mean
+  input patch, the same for every channel of a conv group, O(C_in K); ``dnu_c/dtheta_c =
+  2 E[x_c * patch]``, O(C_out C_in K) -- one convolution weight-gradient each;
+* the k - 1 previous iterations compensated to the current weights (Eqs. 7-8, constants for
+  autograd): ``mu_{t-tau}(theta_t) = mu_{t-tau} + <dmu/dtheta, theta_t - theta_{t-tau}>``, same
+  for nu;
+* ``mu_bar = mean_tau(mu)``, ``nu_bar = mean_tau(max(nu, mu^2))`` (Eq. 10, default
+  ``invalid_stats="max"``; ``"drop"`` is the released code's variant: a past entry whose
+  compensated ``nu - mu^2 < 0`` is left out of both averages for that channel),
+  ``sigma_bar^2 = nu_bar - mu_bar^2`` (computed in the equivalent, cancellation-free form
+  mean(max(nu - mu^2, 0)) + variance of the mu's);
+* ``xhat = (x - mu_bar) / sqrt(sigma_bar^2 + eps)`` (eps inside the sqrt, Eq. 12),
+  ``y = gamma * xhat + beta``, then the activation;
+* burn-in: for t <= ``burnin_iters`` the window is 1 (plain BatchNorm statistics); the
+  statistics of the last k - 1 burn-in iterations are recorded so the full window is used
+  from iteration ``burnin_iters + 1``; t counts training calls (``num_steps``);
+* running statistics: torch BatchNorm's EMA (``momentum``) of the current batch's mean and
+  unbiased variance; inference is BatchNorm with running statistics.
+
+Pairing: the layer is built with ``conv=`` the ``nn.Conv2d`` whose output it normalizes (models
+do this through :class:`~abnexp.norm.NormAct`); a forward hook on that conv hands the layer the
+conv's input, so ``forward(x)`` takes only x, which must be that conv's output. Where no conv
+directly precedes the norm (``conv=None``: the first norm of a pre-activation block, ResNeXt's
+``bn_out``) the layer is plain BatchNorm (a warning is issued once). The past statistics,
+their gradients and weights are registered buffers (``past_*``, with ``past_valid`` marking
+filled slots), so checkpoints keep them.
+
+Each training-mode call is one iteration (several calls per step are several iterations with
+unchanged weights, which the compensation handles exactly for mu); with ``group_size`` each
+group is one window entry (see :mod:`abnexp.norm.grouping`). An empty batch leaves the
+buffers untouched. A forward recomputed during backward (activation checkpointing) raises ``RuntimeError``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from abnexp.norm.abn import NormActBase
+from abnexp.norm.activations import get_activation
+from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims, update_running_stats,
+                                    values_per_channel)
+from abnexp.norm.grouping import affine_normalize, refuse_recompute, split_groups
+
+INVALID_STATS = ("max", "drop")
+NO_CONV_WARNING = ("CBN2d with conv=None (no convolution directly precedes this norm, e.g. the first norm "
+                   "of a pre-activation block or bn_out) uses plain BatchNorm statistics there")
+
+
+def conv_statistics_grads(conv_input: Tensor, output: Tensor, conv: nn.Conv2d) -> tuple[Tensor, Tensor]:
+    """Closed forms of d mean(x_c)/d theta_c and d mean(x_c^2)/d theta_c (CBN Appendix B).
+
+    Args:
+        conv_input: u, (N, C_in, H, W), the conv's input.
+        output: x = conv(u), (N, C_out, H', W').
+        conv: the ``nn.Conv2d`` (its stride, padding, dilation, groups G and kernel size).
+
+    Returns:
+        (dmu, dnu): dmu (G, C_in/G, kh, kw), the mean input patch of each conv group (output
+        channel c uses row c // (C_out/G)); dnu (C_out, C_in/G, kh, kw). Both in the dtype of
+        the inputs, which must match.
+    """
+    n, _, h, w = output.shape
+    m, groups = n * h * w, conv.groups
+    geometry = (conv.stride, conv.padding, conv.dilation, groups)
+    ones = output.new_full((n, groups, h, w), 1.0 / m)
+    dmu = torch.nn.grad.conv2d_weight(conv_input, (groups, conv.in_channels // groups, *conv.kernel_size),
+                                      ones, *geometry)
+    dnu = torch.nn.grad.conv2d_weight(conv_input, conv.weight.shape, output * (2.0 / m), *geometry)
+    return dmu, dnu
+
+
+class CBN2d(NormActBase):
+    """Cross-Iteration BatchNorm + activation; see the module docstring for the algorithm.
+
+    Args:
+        num_features, eps, momentum, affine, activation, activation_param, device, dtype: as
+            :class:`~abnexp.norm.NormActBase` (torch BatchNorm semantics).
+        track_running_stats: must be True (inference uses running statistics).
+        window: k, iterations averaged (current + k - 1 past); 1 = BatchNorm. Paper:
+            min(ceil(16 / batch per GPU), 8); released configs 4.
+        burnin_iters: iterations with window 1 (paper: 25 epochs on ImageNet, 3 on COCO).
+        invalid_stats: "max" (paper Eq. 10) or "drop" (released code).
+        group_size: normalization batch (0 = whole batch), see :mod:`abnexp.norm.grouping`.
+        conv: the ``nn.Conv2d`` (exactly that class, zero padding mode, numeric padding)
+            whose output this layer normalizes, with ``out_channels == num_features``; None
+            gives plain BatchNorm (warned once).
+
+    Input (N, C, H, W), any floating dtype (statistics in float32/float64); output the same.
+    Buffers when paired (k = window - 1, F = C_in/G * kh * kw): ``past_mean``, ``past_sqmean``
+    (k, C); ``past_mean_grad`` (k, G, F); ``past_sqmean_grad``, ``past_weight`` (k, C, F) -- 3-D
+    so that ``model.to(memory_format=torch.channels_last)`` leaves them alone; ``past_valid``
+    (k,) bool; ``num_steps`` (training calls); BatchNorm's running statistics
+    (``num_batches_tracked`` counts normalization batches).
+
+    Raises:
+        ValueError: bad options or conv; wrong input rank or channels; one value per channel.
+        RuntimeError: in training, x is not the output of the paired conv's latest call; or
+            a forward recomputed during backward (activation checkpointing).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "leaky_relu", activation_param: float = 0.01,
+                 window: int = 4, burnin_iters: int = 0, invalid_stats: str = "max",
+                 group_size: int = 0, conv: Optional[nn.Conv2d] = None,
+                 device: Any = None, dtype: Any = None) -> None:
+        if not track_running_stats:
+            raise ValueError("CBN2d needs track_running_stats=True (inference uses running statistics)")
+        if window < 1 or burnin_iters < 0 or group_size < 0 or invalid_stats not in INVALID_STATS:
+            raise ValueError(f"CBN2d: need window >= 1, burnin_iters >= 0, group_size >= 0, invalid_stats "
+                             f"in {INVALID_STATS}; got {window}, {burnin_iters}, {group_size}, {invalid_stats!r}")
+        if conv is not None and (type(conv) is not nn.Conv2d or conv.out_channels != num_features
+                                 or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+            raise ValueError(f"CBN2d({num_features}) needs conv= an nn.Conv2d with out_channels="
+                             f"{num_features}, padding_mode='zeros' and numeric padding, got {conv!r}")
+        super().__init__(num_features, eps, momentum, affine, True, activation, activation_param,
+                         device, dtype)
+        self.window, self.burnin_iters = int(window), int(burnin_iters)
+        self.invalid_stats, self.group_size = invalid_stats, int(group_size)
+        self._captured: Optional[tuple[nn.Conv2d, Tensor, Tensor]] = None
+        self.past_len = 0 if conv is None else self.window - 1
+        self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long, device=device))
+        if conv is None:
+            warnings.warn(NO_CONV_WARNING, UserWarning, stacklevel=2)
+        if self.past_len:
+            k, factory = self.past_len, {"device": device, "dtype": dtype}
+            fan_in = conv.weight[0].numel()  # C_in/G * kh * kw; 3-D buffers (channels_last leaves them)
+            self.register_buffer("past_mean", torch.zeros(k, num_features, **factory))
+            self.register_buffer("past_sqmean", torch.zeros(k, num_features, **factory))
+            self.register_buffer("past_mean_grad", torch.zeros(k, conv.groups, fan_in, **factory))
+            self.register_buffer("past_sqmean_grad", torch.zeros(k, num_features, fan_in, **factory))
+            self.register_buffer("past_weight", torch.zeros(k, num_features, fan_in, **factory))
+            self.register_buffer("past_valid", torch.zeros(k, dtype=torch.bool, device=device))
+            conv.register_forward_hook(self._capture)
+
+    def _capture(self, conv: nn.Conv2d, args: tuple, output: Tensor) -> None:
+        """Forward hook on the paired conv: keep (conv, input, output) for the next training call."""
+        self._captured = (conv, args[0], output) if self.training else None
+
+    def reset_running_stats(self) -> None:
+        """Running statistics to BatchNorm's initial values; the window emptied; counters 0."""
+        super().reset_running_stats()
+        if hasattr(self, "num_steps"):
+            self.num_steps.zero_()
+        if getattr(self, "past_len", 0):
+            self.past_valid.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, window={self.window}, burnin_iters={self.burnin_iters}, "
+                f"invalid_stats={self.invalid_stats}, group_size={self.group_size}, paired={bool(self.past_len)}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        captured, self._captured = self._captured, None
+        if not self.training or x.shape[0] == 0:
+            y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps)
+        else:
+            refuse_recompute("CBN2d")
+            if self.past_len and (captured is None or captured[2] is not x):
+                raise RuntimeError(f"CBN2d({self.num_features}) is paired with a conv and must receive "
+                                   f"that conv's output directly (conv -> norm), in the same call order")
+            self.num_steps.add_(1)
+            y = self._train_call(x, *(captured[:2] if self.past_len else (None, None)))
+        return get_activation(self.activation).forward_(y, self.activation_param)
+
+    def _train_call(self, x: Tensor, conv: Optional[nn.Conv2d], conv_input: Optional[Tensor]) -> Tensor:
+        """One training call: each group of ``group_size`` samples is one iteration.
+
+        The conv weights are the same for every group of a call, so the past entries are
+        compensated once per call and entries written during the call need no compensation;
+        statistic gradients are computed only for the groups whose entries outlive the call
+        (the last k - 1), which keeps the cost per call that of one iteration.
+        """
+        cdt = compute_dtype(x.dtype)
+        groups = split_groups(x, self.group_size)
+        k, step = self.past_len, int(self.num_steps)
+        window = None
+        if k and step > self.burnin_iters:
+            with torch.no_grad():
+                window = self._compensated(conv.weight.detach().to(cdt))
+        inputs = split_groups(conv_input, self.group_size) if k else groups
+        outputs = []
+        for i, (xg, ug) in enumerate(zip(groups, inputs)):
+            check_batch_size(xg)
+            _, factor, running_mean, running_var = self._stats_mode()
+            t = int(self.num_batches_tracked)
+            xc = xg.to(cdt)
+            var, mean = torch.var_mean(xc, dim=reduce_dims(xg), correction=0)
+            mu_bar, var_bar = (mean, var) if window is None else window_statistics(mean, var, *window)
+            with torch.no_grad():
+                update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
+                                     values_per_channel(xg), factor)
+                if window is not None:  # this iteration joins the window of the next groups
+                    slot = (t - 1) % k
+                    window[0][slot], window[1][slot] = mean, var + mean.square()
+                    window[2][slot] = True
+                if k and i >= len(groups) - k and step > self.burnin_iters - k:
+                    theta = conv.weight.detach().to(cdt)
+                    self._record(t, mean, var, theta, *conv_statistics_grads(ug.detach().to(cdt),
+                                                                             xg.detach().to(cdt), conv))
+            outputs.append(affine_normalize(xc, mu_bar, torch.rsqrt(var_bar + self.eps), self.weight,
+                                            self.bias).to(x.dtype))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _compensated(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Past (mu, nu) Taylor-compensated to ``theta`` (Eqs. 7-8), each (k-1, C), and the
+        (k-1, C) mask of the entries that enter the averages."""
+        k, c, groups = self.past_len, self.num_features, self.past_mean_grad.shape[1]
+        dtheta = theta.reshape(1, c, -1) - self.past_weight.to(theta.dtype)
+        mu = self.past_mean.to(theta.dtype) + (
+            dtheta.reshape(k, groups, c // groups, -1)
+            * self.past_mean_grad.to(theta.dtype).unsqueeze(2)).sum(-1).reshape(k, c)
+        nu = self.past_sqmean.to(theta.dtype) + (dtheta * self.past_sqmean_grad.to(theta.dtype)).sum(-1)
+        used = self.past_valid.unsqueeze(1).expand(k, c).clone()  # a new tensor: the call updates it
+        if self.invalid_stats == "drop":
+            used = used & (nu - mu.square() >= 0)
+        return mu, nu, used
+
+    def _record(self, t: int, mean: Tensor, var: Tensor, theta: Tensor, dmu: Tensor, dnu: Tensor) -> None:
+        """Write iteration t's statistics, their weight gradients and the weights to its slot."""
+        slot = (t - 1) % self.past_len
+        dt = self.past_mean.dtype
+        self.past_mean[slot] = mean.detach().to(dt)
+        self.past_sqmean[slot] = (var.detach() + mean.detach().square()).to(dt)
+        self.past_mean_grad[slot] = dmu.reshape(dmu.shape[0], -1).to(dt)
+        self.past_sqmean_grad[slot] = dnu.reshape(self.num_features, -1).to(dt)
+        self.past_weight[slot] = theta.reshape(self.num_features, -1).to(dt)
+        self.past_valid[slot] = True
+
+
+def window_statistics(mean: Tensor, var: Tensor, past_mean: Tensor, past_sqmean: Tensor,
+                      used: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu_bar, sigma_bar^2) of Eqs. 9-11 over the current (mean, biased var) and the ``used``
+    past entries: mean of the mu's; mean(max(nu - mu^2, 0)) + mean((mu - mu_bar)^2), which
+    equals mean(max(nu, mu^2)) - mu_bar^2. Shapes: (C,) current, (k-1, C) past."""
+    w = used.to(mean.dtype)
+    count = 1.0 + w.sum(0)
+    mu_bar = (mean + (w * past_mean).sum(0)) / count
+    past_var = (past_sqmean - past_mean.square()).clamp(min=0)
+    spread = (mean - mu_bar).square() + (w * (past_mean - mu_bar).square()).sum(0)
+    return mu_bar, (var + (w * past_var).sum(0) + spread) / count
