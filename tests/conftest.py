@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+# The five strategies of the InPlace-ABN paper (the norm tests compare these against torch BatchNorm).
+STRATEGIES = ("bn", "checkpoint", "checkpoint_proposed", "inplace_abn", "inplace_abn_ii")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def demo_cache(tmp_path_factory):

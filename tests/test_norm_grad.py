@@ -14,6 +14,7 @@ from torch.func import functional_call
 from abnexp.norm import (ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, build_norm_act,
                          is_invertible, make_activation)
 from abnexp.norm.activations import ACTIVATIONS
+from conftest import STRATEGIES
 
 INPLACE = ("inplace_abn", "inplace_abn_ii")
 ACTS = {  # activations each strategy accepts: (name, param)
@@ -72,7 +73,7 @@ def test_gradcheck_negative_gamma(name, mode, act, param):
     run_gradcheck(layer, seed=3)
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("shape", [(5, 4), (2, 4, 3), (2, 4, 2, 2, 2)])
 def test_gradcheck_other_ranks_and_non_affine(name, shape):
     run_gradcheck(make_layer(name, "leaky_relu", 0.2), shape=shape)
@@ -91,7 +92,7 @@ def bn_reference(layer, x, weight_offset=0.0):
     return bn, make_activation(layer.activation, layer.activation_param)
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_expanded_grad_output_not_written(name):
     """Loss out.sum() hands an expanded (stride-0) gradient: gradients must be right and
     the incoming grad_output untouched (reference-library bug #155)."""
@@ -141,7 +142,7 @@ def test_inplace_writes_into_input_and_keeps_autograd_safety(name):
             (kept.sum() + out.sum()).backward()
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1), (1, 4, 1, 1, 1)])
 def test_single_value_per_channel_raises_like_torch(name, shape):
     with pytest.raises(ValueError) as torch_err:
@@ -180,7 +181,7 @@ def test_factory_errors_and_flags():
     with pytest.raises(ValueError, match="unknown activation 'swish'.*elu"):
         make_activation("swish", 0.0)
     assert build_norm_act("bn", activation="relu")(8).activation == "relu"
-    for name in NORM_LAYERS:
+    for name in ("bn", "checkpoint", "checkpoint_proposed", *INPLACE):  # the paper's five strategies
         layer = build_norm_act(name, eps=1e-3, momentum=None)(8)
         assert getattr(layer, "inplace", None) is (name in INPLACE)
         assert layer.eps == 1e-3 and layer.momentum is None
@@ -216,7 +217,7 @@ def test_hand_computed_values():
     # gamma=2, beta=0.5: y = [0.5 - 2 xhat, 0.5 + 2 xhat]; leaky 0.1
     y = torch.tensor([0.5 - 2 * xhat, 0.5 + 2 * xhat], dtype=torch.float64)
     expected = torch.where(y > 0, y, 0.1 * y)
-    for name in NORM_LAYERS:
+    for name in STRATEGIES:
         layer = NORM_LAYERS[name](1, activation="leaky_relu", activation_param=0.1).double()
         with torch.no_grad():
             layer.weight.fill_(2.0 - (eps if layer.inplace else 0.0))

@@ -12,6 +12,7 @@ from torch import nn
 
 from abnexp.memory import SavedBytes
 from abnexp.norm import NORM_LAYERS, build_norm_act, convert
+from conftest import STRATEGIES
 
 
 class SavedStorages(SavedBytes):
@@ -41,7 +42,7 @@ def conv_input():
     return conv0(torch.randn(4, 8, 32, 32))  # requires grad, not a leaf
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_layer_alone_keeps_what_the_paper_says(name):
     layer = NORM_LAYERS[name](32)
     x = conv_input()
@@ -116,7 +117,7 @@ def test_preactivation_bottleneck_stack():
     reference = stack("bn")
     abn = stack_run(reference, x)
     grads = [p.grad.clone() for p in reference.parameters()]
-    for name in NORM_LAYERS:
+    for name in STRATEGIES:
         model = stack(name)
         kept = stack_run(model, x)
         if name.startswith("inplace"):

@@ -16,6 +16,7 @@ from torch import nn
 
 from abnexp.norm import NORM_LAYERS, build_norm_act, convert, make_activation
 from abnexp.norm.abn import NormActBase
+from conftest import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
@@ -69,7 +70,7 @@ def step(layer, bn, act, x, seed):
     return out
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("shape,channels_last",
                          [(s, False) for s in SHAPES] + [(s, True) for s in SHAPES if len(s) >= 4])
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -92,7 +93,7 @@ def test_parity_with_torch_batchnorm(name, shape, channels_last, momentum):
         assert out.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("act,param", [("elu", 1.0), ("identity", 0.0), ("leaky_relu", 0.2)])
 @pytest.mark.parametrize("kw", [{"affine": False}, {"track_running_stats": False}])
 def test_parity_options(name, act, param, kw):
@@ -103,7 +104,7 @@ def test_parity_options(name, act, param, kw):
     step(layer, bn, a, x, seed=1)
 
 
-@pytest.mark.parametrize("name", [n for n in NORM_LAYERS if not n.startswith("inplace")])
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if not n.startswith("inplace")])
 def test_parity_relu(name):
     layer, bn, act = pair(name, (4, 6, 5, 5), act="relu", param=0.0)
     step(layer, bn, act, torch.randn(4, 6, 5, 5), seed=0)
@@ -112,7 +113,7 @@ def test_parity_relu(name):
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 @pytest.mark.parametrize("dtype", AMP_DTYPES)
 @pytest.mark.parametrize("autocast", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -238,7 +239,7 @@ def test_convert_inplace_model_trains():
     assert all(m.weight.grad is not None for m in norm_layers(model))
 
 
-@pytest.mark.parametrize("name", list(NORM_LAYERS))
+@pytest.mark.parametrize("name", STRATEGIES)
 def test_norm_configs(name):
     path = ROOT / "configs" / "norm" / f"{name}.yaml"
     text = path.read_text()

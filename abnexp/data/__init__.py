@@ -2,10 +2,15 @@
 for its layout; the task decides the transforms."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from abnexp.data.demo import ensure_demo
+from abnexp.data.coco import check_coco_root
+from abnexp.data.demo_coco import ensure_demo_coco
+from abnexp.data.demo_cityscapes import ensure_demo_cityscapes
+from abnexp.data.segmentation import check_seg_root
 from abnexp.errors import AbnexpError, ConfigError, DatasetError
 from abnexp.data.imagenet import check_root, image_folder
 from abnexp.data.transforms import eval_transform, train_transform
@@ -19,9 +24,27 @@ def _imagenet_root(root: str | None) -> Path:
     return check_root(root, "imagenet")
 
 
+def _coco_root(root: str | None) -> Path:
+    return check_coco_root(root, "coco")
+
+
+def _demo_coco_root(root: str | None) -> Path:
+    return check_coco_root(ensure_demo_coco(root), "demo_coco")
+
+
+def _demo_cityscapes_root(root: str | None) -> Path:
+    return check_seg_root("demo_cityscapes", ensure_demo_cityscapes(root))
+
+
 DATASETS: dict[str, Callable[[str | None], Path]] = {
     "demo": _demo_root,
     "imagenet": _imagenet_root,
+    "coco": _coco_root,
+    "demo_coco": _demo_coco_root,
+    "cityscapes": partial(check_seg_root, "cityscapes"),
+    "coco_stuff": partial(check_seg_root, "coco_stuff"),
+    "vistas": partial(check_seg_root, "vistas"),
+    "demo_cityscapes": _demo_cityscapes_root,
 }
 
 

@@ -3,7 +3,9 @@
 One call of :func:`train` runs a whole job in ``run_dir``: build data, model, optimizer and
 schedule from the config; resume if a checkpoint is given or the run dir already has one;
 train for ``trainer.epochs`` (or until ``trainer.max_steps`` optimizer steps); validate and
-checkpoint every epoch and at the end.
+checkpoint every epoch and at the end. Under torchrun (abnexp.engine.launch) every rank runs it:
+DistributedDataParallel, a DistributedSampler shard of the training set per rank, validation
+shards that count every sample once, and only rank 0 logging and checkpointing.
 """
 from __future__ import annotations
 
@@ -14,15 +16,16 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 
-from abnexp.data.sampling import ResumableSampler, SeededDataset
+from abnexp.data.sampling import ResumableSampler, SeededDataset, ShardSampler
 from abnexp.engine.checkpoint import (LAST, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                       set_rng_state)
-from abnexp.engine.distributed import DistEnv, dist_env, init_distributed
+from abnexp.engine.distributed import DistEnv, all_reduce_sum, init_distributed, sync_group
 from abnexp.engine.logging import RunLogger, peak_memory_bytes
 from abnexp.engine.optim import EpochLR, build_optimizer
 from abnexp.errors import AbnexpError, ConfigError
+from abnexp.norm.sync import check_running_stats_synchronized, set_process_group
 from abnexp.tasks import build_task
 
 log = logging.getLogger("abnexp")
@@ -41,6 +44,9 @@ def select_device(name: str, env: DistEnv) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process LOCAL_RANK={env.local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                              f"visible): start at most one process per GPU (--nproc_per_node)")
         torch.cuda.set_device(env.local_rank)
         return torch.device("cuda", env.local_rank)
     if name != "cpu":
@@ -52,11 +58,12 @@ def amp_dtype(cfg) -> torch.dtype | None:
     return AMP_DTYPES[getattr(cfg.amp, "value", cfg.amp)]
 
 
-def make_eval_loader(dataset, cfg, ten_crop: bool = False) -> DataLoader:
-    """Sequential loader over a validation set (ten-crop batches hold 10× the images)."""
+def make_eval_loader(dataset, cfg, ten_crop: bool = False, env: DistEnv = DistEnv(), collate_fn=None) -> DataLoader:
+    """Sequential loader over this rank's shard of a validation set (every sample on exactly one
+    rank, no padding; ten-crop batches hold 10× the images); ``collate_fn``: the task's, if any."""
     batch = max(1, cfg.data.batch_size // (10 if ten_crop else 1))
-    return DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.data.num_workers,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), env.world_size, env.rank),
+                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -71,12 +78,19 @@ def train(cfg, run_dir: str | Path) -> dict:
         TrainingDiverged: non-finite loss; the last checkpoint written stays intact.
     """
     run_dir = Path(run_dir)
-    env = dist_env()
+    env = init_distributed()
     device = select_device(cfg.device, env)
-    init_distributed(device)
+    recipe_world = cfg.experiment.world_size if cfg.get("experiment") else env.world_size
+    if recipe_world != env.world_size:
+        log.warning("the recipe assumes %d processes (global batch %d) but %d are running (global batch %d): "
+                    "adjust data.batch_size (per process) or optim.lr (optim.scale_lr=true scales it linearly)",
+                    recipe_world, recipe_world * cfg.data.batch_size, env.world_size,
+                    env.world_size * cfg.data.batch_size)
     torch.manual_seed(cfg.seed)
     task = build_task(cfg)
     model = task.build_model().to(device)
+    if env.distributed and cfg.launcher.sync_group_size:
+        set_process_group(model, sync_group(cfg.launcher.sync_group_size, env))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_set, val_set = task.datasets()
@@ -87,9 +101,17 @@ def train(cfg, run_dir: str | Path) -> dict:
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size={batch_size} is larger than the {len(sampler.sampler)} training "
                           f"samples per process; lower data.batch_size")
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                        drop_last=True, pin_memory=device.type == "cuda")
-    val_loader = make_eval_loader(val_set, cfg)
+    # optional task hooks: a collate_fn (detection's lists of images and targets) and a batch sampler
+    # drawing whole batches from the resumable sampler (detection's aspect-ratio grouping)
+    collate_fn = getattr(task, "collate_fn", None)
+    batch_sampler = (task.train_batch_sampler(sampler, batch_size) if hasattr(task, "train_batch_sampler")
+                     else BatchSampler(sampler, batch_size, drop_last=True))
+    # generator: starting an epoch's iterator draws the workers' base seed from it, not from the global
+    # RNG that training consumes (detection's RPN / RoI sampling), so a mid-epoch resume stays exact
+    # (SeededDataset seeds every sample itself, so the workers' seeds do not matter)
+    loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_fn, generator=torch.Generator())
+    val_loader = make_eval_loader(val_set, cfg, env=env, collate_fn=collate_fn)
     optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size)
     scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
     autocast_dtype = amp_dtype(cfg)
@@ -124,6 +146,7 @@ def train(cfg, run_dir: str | Path) -> dict:
     ckpt_path = run_dir / "checkpoints" / LAST
 
     def checkpoint() -> None:
+        check_running_stats_synchronized(unwrap(model))  # on every rank: a collective
         if env.is_main:
             save_checkpoint({
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -163,8 +186,10 @@ def train(cfg, run_dir: str | Path) -> dict:
                 window_images += n * env.world_size
                 if step % cfg.trainer.log_every == 0 or i + 1 == steps_per_epoch:
                     seconds = time.perf_counter() - t0
+                    mean_loss = torch.tensor(window_loss / window_steps, dtype=torch.float64, device=device)
+                    mean_loss = all_reduce_sum(mean_loss).item() / env.world_size  # the global batch's loss
                     logger.train(step, epoch, {
-                        "loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
+                        "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                         "images_per_s": window_images / max(seconds, 1e-9),
                         "peak_memory_bytes": peak_memory_bytes(device)}, advance=window_steps)
                     window_loss, window_steps, window_images, t0 = 0.0, 0, 0, time.perf_counter()
@@ -173,7 +198,7 @@ def train(cfg, run_dir: str | Path) -> dict:
             if step == (epoch + 1) * steps_per_epoch:
                 epoch += 1
                 if epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
-                    metrics = task.validate(model, val_loader, device, autocast_dtype, cfg.channels_last)
+                    metrics = task.validate(unwrap(model), val_loader, device, autocast_dtype, cfg.channels_last)
                     logger.val(step, epoch, metrics)
             checkpoint()
     finally:

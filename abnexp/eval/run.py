@@ -20,12 +20,15 @@ log = logging.getLogger("abnexp")
 
 
 def config_from_checkpoint(yaml_text: str, overrides: list[str]):
-    """The checkpoint's config validated against the schema, with ``key=value`` overrides applied.
+    """The checkpoint's config validated against the schema, with the recipe's
+    ``experiment.eval_overrides`` and then the ``key=value`` overrides applied.
 
     Raises:
         ConfigError: an override is malformed or names a key the schema does not have.
     """
     cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(yaml_text))
+    if cfg.experiment is not None:  # a recipe's evaluation settings come first, the command line's last
+        overrides = [*cfg.experiment.eval_overrides, *overrides]
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. data.root=/data/imagenet)")
@@ -66,13 +69,14 @@ def run_eval(checkpoint: str, overrides: list[str]) -> dict:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     results = task.evaluate_protocols(unwrap(model), device, amp_dtype(cfg), cfg.channels_last,
-                                      lambda ds, ten_crop: make_eval_loader(ds, cfg, ten_crop))
+                                      lambda ds, ten_crop: make_eval_loader(ds, cfg, ten_crop,
+                                                                            collate_fn=getattr(task, "collate_fn", None)))
     out = {"checkpoint": str(path.resolve()), "epoch": state["epoch"], "step": state["step"],
            "model": cfg.model.name, "norm": cfg.norm.name, "data": cfg.data.name, "protocols": results}
     target = output_path(path)
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2) + "\n")
     tmp.replace(target)
-    print(format_table(results))
+    print(task.format_table(results) if hasattr(task, "format_table") else format_table(results))
     print(f"wrote {target}")
     return out

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from abnexp.errors import ConfigError
 from abnexp.tasks.cls import ClassificationTask
+from abnexp.tasks.detection import DetectionTask
+from abnexp.tasks.semseg import SegmentationTask
 
-TASKS = {"cls": ClassificationTask}
+TASKS = {"cls": ClassificationTask, "detection": DetectionTask, "semseg": SegmentationTask}
 
 
 def build_task(cfg):

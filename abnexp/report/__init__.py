@@ -1,0 +1,1 @@
+"""Paper tables, recipes metadata and reports (``abnexp table``, ``abnexp list``)."""

@@ -1,0 +1,136 @@
+"""``abnexp table``: collect the eval.json of runs and write the papers' tables, ours beside theirs.
+
+A run is a folder holding ``config.yaml`` (written by ``abnexp train``) and ``eval.json``
+(written by ``abnexp eval``). Runs whose config has ``experiment.table`` fill the cells of
+that paper table (several runs of one cell — seeds — are averaged, and their count shown);
+the others are listed in a plain table. Output per table: ``<key>.md`` and ``<key>.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from omegaconf import OmegaConf
+
+from abnexp.errors import ConfigError
+from abnexp.report.paper_tables import TABLES, Column, PaperTable
+
+MISSING = "—"
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    """Run dirs (``config.yaml`` + ``eval.json``) at or below ``paths``.
+
+    Raises:
+        ConfigError: a path does not exist.
+    """
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ConfigError(f"{p} does not exist (give run dirs or a sweep dir)")
+        runs += sorted(c.parent for c in p.rglob("eval.json") if (c.parent / "config.yaml").is_file())
+    return sorted(set(runs))
+
+
+def metric(result: dict, path: str) -> float | None:
+    """The value at dotted ``path`` of an eval.json dict (``100-path``: 100 minus it), or None."""
+    complement = path.startswith("100-")
+    node = result
+    for part in path.removeprefix("100-").split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return 100.0 - node if complement else float(node)
+
+
+def collect(runs: list[Path]) -> tuple[dict, list[dict]]:
+    """({(table, row, column): [our values]}, [plain rows of runs without a table])."""
+    cells: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    plain = []
+    for run in runs:
+        cfg = OmegaConf.load(run / "config.yaml")
+        result = json.loads((run / "eval.json").read_text())
+        exp = cfg.get("experiment")
+        exp = OmegaConf.to_container(exp, resolve=True) if exp is not None else {}
+        table = TABLES.get(exp.get("table"))
+        if table is None:
+            plain.append({"run": str(run), "model": cfg.model.name, "norm": cfg.norm.name,
+                          "data": cfg.data.name, **_headline(result)})
+            continue
+        for col in table.columns:
+            if exp.get("column") not in (None, col.label):
+                continue
+            value = metric(result, col.metric)
+            if value is not None:
+                cells[(table.key, exp["row"], col.label)].append(value)
+    return cells, plain
+
+
+def _headline(result: dict) -> dict:
+    """A few headline numbers of any eval.json for the plain table."""
+    out = {}
+    for name, r in (result.get("protocols") or {}).items():
+        if isinstance(r, dict) and "top1" in r:
+            out[f"{name} top-1"] = round(r["top1"], 2)
+    return out
+
+
+def paper_values(experiments: list[dict]) -> dict[tuple[str, str, str], float]:
+    """{(table, row, column): the paper's number} from the experiments' metadata."""
+    out = {}
+    for exp in experiments:
+        for column, value in (exp.get("reported") or {}).items():
+            out[(exp["table"], exp["row"], exp.get("column") or column)] = float(value)
+    return out
+
+
+def _fmt(x: float | None) -> str:
+    return MISSING if x is None else f"{x:.2f}"
+
+
+def render(table: PaperTable, paper: dict, ours: dict) -> tuple[str, list[list[str]]]:
+    """Markdown and CSV rows of one table: per column the paper's number, ours and ours − paper."""
+    header = ["row"] + [f"{c.label} {k}" for c in table.columns for k in ("paper", "ours", "Δ")]
+    rows = []
+    for row in table.rows:
+        line = [row]
+        for col in table.columns:
+            p = paper.get((table.key, row, col.label))
+            values = ours.get((table.key, row, col.label), [])
+            o = mean(values) if values else None
+            diff = o - p if (o is not None and p is not None) else None
+            line += [_fmt(p), _fmt(o) + (f" (n={len(values)})" if len(values) > 1 else ""),
+                     MISSING if diff is None else f"{diff:+.2f}"]
+        rows.append(line)
+    md = [f"## {table.title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    if table.note:
+        md += ["", table.note]
+    return "\n".join(md) + "\n", [header] + rows
+
+
+def write_tables(paths: list[str], out_dir: Path, experiments: list[dict]) -> list[Path]:
+    """Writes ``<table>.md``/``.csv`` for every paper table with at least one run, and
+    ``runs.md`` for runs that reproduce no table row; returns the files written."""
+    cells, plain = collect(find_runs(paths))
+    paper = paper_values(experiments)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for table in TABLES.values():
+        if not any(k[0] == table.key for k in cells):
+            continue
+        md, rows = render(table, paper, cells)
+        (out_dir / f"{table.key}.md").write_text(md)
+        with open(out_dir / f"{table.key}.csv", "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        written += [out_dir / f"{table.key}.md", out_dir / f"{table.key}.csv"]
+    if plain:
+        keys = list(dict.fromkeys(k for r in plain for k in r))
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(r.get(k, MISSING)) for k in keys) + " |" for r in plain]
+        (out_dir / "runs.md").write_text("## Runs that reproduce no paper table row\n\n" + "\n".join(lines) + "\n")
+        written.append(out_dir / "runs.md")
+    return written

@@ -1,0 +1,91 @@
+"""Paper recipes compose and build; `abnexp table` fills the paper's cells from runs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from abnexp.config import register_configs
+from abnexp.report.experiments import experiments
+from abnexp.report.paper_tables import TABLES
+from conftest import run_cli
+
+RECIPES = experiments()
+
+
+def compose_recipe(name: str, *overrides: str):
+    register_configs()
+    with initialize_config_module(config_module="abnexp.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=[f"experiment={name}", *overrides])
+
+
+@pytest.mark.parametrize("meta", RECIPES, ids=[m["name"] for m in RECIPES])
+def test_recipe_composes_builds_and_names_a_paper_cell(meta):
+    from abnexp.tasks import build_task
+
+    cfg = compose_recipe(meta["name"])
+    table = TABLES[cfg.experiment.table]
+    assert cfg.experiment.row in table.rows
+    labels = [c.label for c in table.columns]
+    assert cfg.experiment.reported and set(cfg.experiment.reported) <= set(labels)
+    assert cfg.experiment.column is None or cfg.experiment.column in labels
+    assert cfg.experiment.world_size >= 1
+    with torch.device("meta"):
+        model = build_task(cfg).build_model()
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+
+
+def test_every_table_row_has_a_recipe():
+    for table in TABLES.values():
+        rows = {m["row"] for m in RECIPES if m["table"] == table.key}
+        assert rows == set(table.rows), table.key
+
+
+def test_list_names_every_recipe(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    for meta in RECIPES:
+        assert meta["name"] in out
+
+
+TINY = ["data=demo", "model=resnet18", "trainer.max_steps=1", "trainer.epochs=1", "data.batch_size=8",
+        "data.crop_size=32", "data.large_crop_size=32", "data.num_workers=0"]
+
+
+def test_table_fills_the_cells_of_the_runs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    recipe = "inplace_abn_t2_resnext101_bn"
+    for i in range(2):  # two seeds of one row: averaged
+        assert run_cli(["train", f"experiment={recipe}", *TINY, f"seed={i}",
+                        f"hydra.run.dir={runs / f'r{i}'}"], capsys)[0] == 0
+        assert run_cli(["eval", f"checkpoint={runs / f'r{i}' / 'checkpoints' / 'last.pt'}"], capsys)[0] == 0
+    plain = tmp_path / "plain"  # a run of no recipe goes to the plain table
+    assert run_cli(["train", *TINY, f"hydra.run.dir={plain}"], capsys)[0] == 0
+    assert run_cli(["eval", f"checkpoint={plain / 'checkpoints' / 'last.pt'}"], capsys)[0] == 0
+
+    out = tmp_path / "tables"
+    code, stdout, err = run_cli(["table", str(runs), str(plain), f"out={out}"], capsys)
+    assert code == 0, err
+    rows = list(csv.reader(open(out / "inplace_abn_t2.csv")))
+    header, body = rows[0], {r[0]: r[1:] for r in rows[1:]}
+    assert list(body) == list(TABLES["inplace_abn_t2"].rows)  # the paper's rows, in order
+    ours_top1 = [json.loads((runs / f"r{i}" / "eval.json").read_text())["protocols"]["center"]["top1"]
+                 for i in range(2)]
+    row = dict(zip(header[1:], body["ResNeXt-101, std-BN (batch 256)"]))
+    assert row["224² center top-1 paper"] == "77.04"
+    assert row["224² center top-1 ours"] == f"{sum(ours_top1) / 2:.2f} (n=2)"
+    assert float(row["224² center top-1 Δ"]) == pytest.approx(sum(ours_top1) / 2 - 77.04, abs=0.011)
+    other = dict(zip(header[1:], body["ResNeXt-152, InPlace-ABN (batch 256)"]))
+    assert other["224² center top-1 paper"] == "78.28" and other["224² center top-1 ours"] == "—"
+    assert "| resnet18 | bn | demo |" in (out / "runs.md").read_text().replace(str(plain), "")
+    assert (out / "inplace_abn_t2.md").read_text().startswith("## InPlace-ABN Table 2")
+
+
+def test_table_without_runs_fails_clearly(tmp_path, capsys):
+    code, _, err = run_cli(["table", str(tmp_path)], capsys)
+    assert code == 1 and "no runs with eval.json" in err
+    code, _, err = run_cli(["table", str(tmp_path / "missing")], capsys)
+    assert code == 1 and "does not exist" in err
