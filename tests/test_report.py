@@ -85,7 +85,8 @@ def test_table_fills_the_cells_of_the_runs(tmp_path, capsys):
 
 
 def test_table_without_runs_fails_clearly(tmp_path, capsys):
-    code, _, err = run_cli(["table", str(tmp_path)], capsys)
+    code, _, err = run_cli(["table", str(tmp_path), f"out={tmp_path / 'tables'}"], capsys)
     assert code == 1 and "no runs with eval.json" in err
+    assert not (tmp_path / "tables").exists()  # nothing written, not even an empty folder
     code, _, err = run_cli(["table", str(tmp_path / "missing")], capsys)
     assert code == 1 and "does not exist" in err

@@ -29,6 +29,7 @@ and warn once; ``ABNEXP_NATIVE=0`` (or ``native.ENABLED = False``) forces the re
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -138,7 +139,13 @@ def cpp_extension_module():
     home = cuda_home()
     if home and not os.environ.get("CUDA_HOME"):
         os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
+    quiet = logging.getLogger("torch.utils.cpp_extension")  # its "No CUDA runtime is found" on CPU machines
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
 
     cpp_extension.CUDA_HOME = home
     return cpp_extension

@@ -117,7 +117,8 @@ def write_tables(paths: list[str], out_dir: Path, experiments: list[dict]) -> li
     ``runs.md`` for runs that reproduce no table row; returns the files written."""
     cells, plain = collect(find_runs(paths))
     paper = paper_values(experiments)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if cells or plain:
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for table in TABLES.values():
         if not any(k[0] == table.key for k in cells):
