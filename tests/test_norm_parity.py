@@ -46,7 +46,7 @@ def close(a, b, what, scale=1.0):
     torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * scale, msg=lambda m: f"{what}: {m}")
 
 
-def step(layer, bn, act, x, seed):
+def check_step(layer, bn, act, x, seed):
     """One forward/backward of both with the same input and grad_output; compares all."""
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = layer(xa.clone() if layer.inplace else xa)
@@ -81,14 +81,14 @@ def test_parity_with_torch_batchnorm(name, shape, channels_last, momentum):
         x = torch.randn(shape, generator=torch.Generator().manual_seed(10 + i)) * 2 + 0.5
         if channels_last:
             x = x.to(memory_format=fmt)
-        out = step(layer, bn, act, x, seed=i)
+        out = check_step(layer, bn, act, x, seed=i)
         if channels_last:
             assert out.is_contiguous(memory_format=fmt)
         close(layer.running_mean, bn.running_mean, "running_mean")
         close(layer.running_var, bn.running_var, "running_var")
         assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == i + 1
     layer.eval(), bn.eval()
-    out = step(layer, bn, act, x, seed=7)
+    out = check_step(layer, bn, act, x, seed=7)
     if channels_last:
         assert out.is_contiguous(memory_format=fmt)
 
@@ -99,15 +99,15 @@ def test_parity_with_torch_batchnorm(name, shape, channels_last, momentum):
 def test_parity_options(name, act, param, kw):
     layer, bn, a = pair(name, (4, 6, 5, 5), act=act, param=param, **kw)
     x = torch.randn(4, 6, 5, 5) * 3 - 1
-    step(layer, bn, a, x, seed=0)
+    check_step(layer, bn, a, x, seed=0)
     layer.eval(), bn.eval()
-    step(layer, bn, a, x, seed=1)
+    check_step(layer, bn, a, x, seed=1)
 
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES if not n.startswith("inplace")])
 def test_parity_relu(name):
     layer, bn, act = pair(name, (4, 6, 5, 5), act="relu", param=0.0)
-    step(layer, bn, act, torch.randn(4, 6, 5, 5), seed=0)
+    check_step(layer, bn, act, torch.randn(4, 6, 5, 5), seed=0)
 
 
 AMP_DTYPES = [torch.bfloat16, torch.float16]
