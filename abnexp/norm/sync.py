@@ -162,7 +162,9 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
 class _SyncMixin:
     """The process-group lookup shared by the synchronized layers."""
 
-    process_group = None
+    def __init__(self, num_features: int, *args: Any, process_group=None, **kwargs: Any) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
 
     def sync_group(self):
         """The group to synchronize with for this call, or None to compute locally."""
@@ -188,10 +190,6 @@ class SyncABN(_SyncMixin, ABN):
     Raises ValueError as ABN does, the one-value check counting the whole group's batch.
     """
 
-    def __init__(self, num_features: int, *args: Any, process_group=None, **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        self.process_group = process_group
-
     def forward(self, x: Tensor) -> Tensor:
         group = self.sync_group()
         if group is None:
@@ -211,10 +209,6 @@ class InPlaceABNSync(_SyncMixin, InPlaceABN):
     input) and errors as :class:`~abnexp.norm.InPlaceABN`, plus ``process_group`` (None: the
     default group at call time). Keeps z and the (C,) 1/sigma for backward.
     """
-
-    def __init__(self, num_features: int, *args: Any, process_group=None, **kwargs: Any) -> None:
-        super().__init__(num_features, *args, **kwargs)
-        self.process_group = process_group
 
     def forward(self, x: Tensor) -> Tensor:
         group = self.sync_group()
