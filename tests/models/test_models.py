@@ -15,7 +15,7 @@ from abnexp.models.blocks import IdentityResidualBlock
 from abnexp.norm import build_norm_act
 from abnexp.norm.factory import NormAct
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
 

@@ -18,7 +18,7 @@ from abnexp.norm import NORM_LAYERS, build_norm_act, convert, make_activation
 from abnexp.norm.abn import NormActBase
 from conftest import STRATEGIES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 SHAPES = [(2, 3), (1, 3, 2), (2, 5, 7), (1, 6, 1, 2), (4, 8, 5, 5), (3, 6, 2, 3, 4),
           (8, 16, 28, 28), (16, 32, 6, 7)]

@@ -24,7 +24,7 @@ from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, native
 from abnexp.norm import functional as Fn
 from abnexp.norm import kernels_cli as K
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 LAYERS = {name: NORM_LAYERS[name]  # the strategies whose layers run on the native kernels
