@@ -1,17 +1,32 @@
-"""Typed schema of the Hydra configuration (configs/ is the tree of values).
+"""Typed schema of the Hydra configuration (configs/ is the tree of values) and the one
+function that composes it.
 
-The schema is registered as ``base_config`` and is the first entry of configs/config.yaml's
-defaults list, so Hydra composes in struct mode against it: a misspelled key
-(``trainer.epoch=3``) or a value of the wrong type fails at start with Hydra's one-line
-message, and an unknown group option (``model=resnet19``) lists the valid choices.
+The base schema ``Config`` is registered as ``base_config``, the first entry of
+configs/config.yaml's defaults list, so Hydra composes in struct mode against it: a misspelled
+key (``trainer.epoch=3``) or a value of the wrong type fails at composition with Hydra's
+one-line message, and an unknown group option (``model=resnet19``) lists the valid choices.
+
+Groups whose options have keys of their own (model, norm, data, task, head) are typed here by a base class
+holding the keys every option has; each option's full schema is a dataclass carried by its entry
+in that axis's table (``abnexp.models.MODELS``, ``abnexp.models.detection.HEADS``, ``abnexp.norm.registry.NORMS``, ``abnexp.data.DATASETS``,
+``abnexp.tasks.TASKS``). Importing the config package (``abnexp.configs``, which Hydra does
+when it reads the tree) stores those schemas with :func:`register_options` as
+``schema/<group>/<option>``, and each option's YAML file names its schema first in its defaults
+list, so ``norm=gn norm.window=4`` fails at composition (GroupNorm has no window) while
+``norm=cbn norm.window=4`` composes.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from importlib import resources
+from typing import Optional, Sequence, Union
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from abnexp.errors import ConfigError
 
 
 class Amp(str, Enum):
@@ -40,7 +55,9 @@ class NormPlacement(str, Enum):
 
 @dataclass
 class HeadConfig:
-    """task=detection's detector (configs/head): torchvision's FPN Mask / Faster R-CNN with our norms."""
+    """Keys of every ``head=`` option (task=detection's detector, configs/head): torchvision's FPN
+    Mask / Faster R-CNN with our norms; an option's own schema (abnexp.models.detection.HEADS)
+    extends it."""
 
     name: str = "mask_rcnn_fpn"  # mask_rcnn_fpn | faster_rcnn_fpn
     norm_placement: NormPlacement = NormPlacement.auto
@@ -48,7 +65,6 @@ class HeadConfig:
     fpn_channels: int = 256
     box_head_convs: int = 4  # 4conv1fc box head
     box_head_fc: int = 1024
-    mask_head_convs: int = 4
     rpn_pre_nms_top_n_train: int = 2000  # per FPN level and image (torchvision's defaults)
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_train: int = 2000  # per image
@@ -59,71 +75,42 @@ class HeadConfig:
 
 @dataclass
 class TaskConfig:
+    """Keys of every ``task=`` option; an option's own schema (abnexp.tasks.TASKS) extends it."""
+
     name: str = "cls"
-    # task=semseg (DeepLabV3, abnexp/tasks/semseg.py): head width and the evaluation protocols
-    head_channels: int = 256  # channels of every DeepLabV3 branch
-    eval_scales: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.2])  # multi-scale protocol
-    eval_flip: bool = True  # add horizontally flipped inputs to the multi-scale protocol
-    eval_window: int = 0  # sliding-window inference with this square window [pixels]; 0 = whole image
-    eval_overlap: float = 0.33  # fraction of the window shared by neighbouring windows
-    predictions_dir: Optional[str] = None  # abnexp eval: write one PNG per image and protocol here
-    predictions_format: str = "palette"  # palette (colour PNG) | ids (train ids as grey values)
-    log_images: int = 4  # validation images written to TensorBoard with prediction / ground-truth overlays
 
 
 @dataclass
 class ModelConfig:
+    """Keys of every ``model=`` option; an option's own schema (abnexp.models.MODELS) extends it."""
+
     name: str = "resnet18"
     output_stride: int = 32  # 32 = no dilation (classification); 16 or 8 dilate the last stages
-    input_3x3: bool = False  # ResNeXt only: three 3x3 convs in the stem instead of one 7x7
     pretrained: Optional[str] = None  # path to an abnexp checkpoint whose backbone weights are loaded
 
 
 @dataclass
 class NormConfig:
+    """Keys of every ``norm=`` option; an option's own schema (abnexp.norm.registry.NORMS) extends
+    it with the keys that strategy has (momentum, group_size, window, ...)."""
+
     name: str = "bn"
-    activation: str = "leaky_relu"
+    activation: str = "leaky_relu"  # leaky_relu | relu | elu | identity
     activation_param: float = 0.01  # LeakyReLU slope / ELU alpha
     eps: float = 1e-5
-    momentum: Optional[float] = 0.1  # None: cumulative moving average, as torch BatchNorm
-    # small-batch norms (abnexp.norm.SMALL_BATCH_OPTIONS says which norm uses which key); *_iters count
-    # training iterations (optimizer steps), also with group_size > 0 (abnexp/norm/grouping.py)
-    group_size: int = 0  # normalization batch: statistics over groups of this many samples; 0 = whole batch
-    buffer_size: int = 16  # mabn: normalization batches in the moving averages (= iterations if group_size=0)
-    warmup_iters: int = 100  # mabn: iterations normalized with the current batch's statistics
-    window: int = 4  # cbn: iterations averaged (current + window-1 compensated past ones); 1 = BN
-    burnin_iters: int = 0  # cbn: iterations with window 1 (plain BN statistics)
-    invalid_stats: str = "max"  # cbn: "max" (paper Eq. 10) or "drop" (released code)
-    r_max: float = 3.0  # brn: final clip of r
-    d_max: float = 5.0  # brn: final clip of d
-    renorm_start_iters: int = 5000  # brn: r_max = 1, d_max = 0 up to here, then linear ramps
-    r_max_iters: int = 40000  # brn: iteration where r_max is reached
-    d_max_iters: int = 25000  # brn: iteration where d_max is reached
 
 
 @dataclass
 class DataConfig:
+    """Keys of every ``data=`` option; an option's own schema (abnexp.data.DATASETS: classification,
+    segmentation or detection data) extends it."""
+
     name: str = "demo"
-    root: Optional[str] = None  # None for demo: the generated cache folder
+    root: Optional[str] = None  # None for the generated demo sets: their cache folder
     epochs: int = 90  # this dataset's standard training length; trainer.epochs defaults to it
     num_classes: int = 10
     batch_size: int = 32  # per process
     num_workers: int = 2
-    crop_size: int = 56  # pixels: training crop and validation center crop
-    large_crop_size: int = 80  # pixels: the third evaluation protocol (320 on ImageNet)
-    resize_ratio: float = 0.875  # validation resize = crop / ratio (224 -> 256)
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    color_jitter: float = 0.4
-    lighting: float = 0.1  # AlexNet-style PCA lighting noise standard deviation
-    min_scale: float = 0.08  # RandomResizedCrop lower area bound
-    # segmentation datasets (abnexp/data/segmentation.py)
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale of training images
-    long_side: int = 0  # resize images to this long side [pixels] before random scaling and at test; 0 = as stored
-    class_uniform: float = 0.0  # fraction of training crops sampled class-uniformly (InPlace-ABN Table 4)
-    # detection datasets (abnexp/data/coco.py): the detector resizes images to these sides [pixels]
-    min_size: int = 800  # shorter side
-    max_size: int = 1333  # longer side at most
 
 
 @dataclass
@@ -168,7 +155,6 @@ class ExperimentConfig:
     row: str = ""  # as printed in the paper
     column: Optional[str] = None  # for tables whose cells come from different runs
     world_size: int = 1  # processes (GPUs) the recipe assumes; data.batch_size is per process
-    reported: dict[str, float] = field(default_factory=dict)  # column label -> the paper's number
     eval_overrides: list[str] = field(default_factory=list)  # applied by `abnexp eval` (key=value)
     note: str = ""
 
@@ -215,6 +201,95 @@ class Config:
     head: Optional[HeadConfig] = None  # task=detection's detector (configs/head); None for other tasks
 
 
+GROUPS_BY_NAME = ("task", "model", "norm", "data", "optim", "sched", "head")
+"""Config groups whose chosen option is recorded in the config as ``<group>.name``."""
+
+RENAMES_FILE = "experiment_renames.yaml"
+"""configs/experiment_renames.yaml: old recipe name -> its name in a recipe family folder."""
+
+
 def register_configs() -> None:
     """Registers the schema as ``base_config`` in Hydra's ConfigStore (idempotent)."""
     ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def register_options(group: str, schemas: dict[str, type]) -> None:
+    """Stores each option's schema dataclass as ``schema/<group>/<option>`` (idempotent); the
+    option's YAML file lists ``/schema/<group>/<option>@_here_`` first in its defaults."""
+    store = ConfigStore.instance()
+    for option, schema in schemas.items():
+        store.store(group=f"schema/{group}", name=option, node=schema)
+
+
+def renamed_recipe(name: str) -> Optional[str]:
+    """The new name of a recipe that moved into a family folder (``cbn_t3_cbn_bs2`` ->
+    ``cbn_t3/cbn_bs2``), or None."""
+    path = resources.files("abnexp.configs") / RENAMES_FILE
+    renames = OmegaConf.create(path.read_text()) if path.is_file() else {}
+    return renames.get(name)
+
+
+def _first_line(error: Exception, overrides: Sequence[str]) -> str:
+    lines = (str(error).strip() or type(error).__name__).splitlines()
+    lines += str(error.__cause__ or "").splitlines()  # Hydra keeps OmegaConf's reason as the cause
+    message = lines[0]
+    missing = [m for m in map(re.compile(r"Key '(\w+)' (?:is )?not in (?:struct|'(\w+)')").search, lines) if m]
+    if message.startswith("Could not override") and missing:
+        where = f" ({missing[0][2]} has no key {missing[0][1]!r})" if missing[0][2] else ""
+        message = f"{message.rstrip('.')}: no such config key{where}; `abnexp train --cfg job ...` lists the keys"
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "experiment" and renamed_recipe(value):
+            return f"experiment={value} has moved: use experiment={renamed_recipe(value)}"
+    return message
+
+
+def _run_config_overrides(run: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """Overrides that rebuild ``run`` (a resolved config) under ``overrides``: the run's group
+    options, then its values as a config of their own (``+_run_=config``, global package) minus the
+    groups that ``overrides`` switch to another option."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    switched = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))
+                if o.key_or_group in GROUPS_BY_NAME}
+    choices = [f"{g}={run[g].name}" for g in GROUPS_BY_NAME
+               if g not in switched and OmegaConf.select(run, f"{g}.name") is not None]
+    values = OmegaConf.masked_copy(run, [k for k in run if k not in switched])
+    ConfigStore.instance().store(group="_run_", name="config", node=values, package="_global_")
+    return [*choices, "+_run_=config"]
+
+
+def compose(overrides: Sequence[str] = (), run: Union[DictConfig, str, None] = None) -> DictConfig:
+    """The composed config for Hydra ``overrides`` (the command-line grammar: ``key=value``,
+    ``group=option``, ``+key=value``, ...), without a run dir.
+
+    Args:
+        overrides: as on the command line, e.g. ``["task=semseg", "norm=inplace_abn"]``.
+        run: a resolved config (a run's ``config.yaml`` / a checkpoint's ``config``, as text or
+            DictConfig) to start from instead of the defaults: its group options and values are
+            kept except where ``overrides`` change them (``data=cityscapes`` switches the whole
+            data group to that option's defaults).
+
+    Raises:
+        ConfigError: Hydra's composition error, first line (unknown option / key / value); a
+            recipe that moved into a family folder names its new name.
+    """
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    overrides = list(overrides)
+    try:
+        if run is not None:
+            run = OmegaConf.create(run) if isinstance(run, str) else run
+            overrides = [*_run_config_overrides(run, overrides), *overrides]
+        with initialize_config_module(config_module="abnexp.configs", version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_first_line(e, overrides)) from None
+
+
+def choice(value) -> str:
+    """The string of an enum-typed config value (``cfg.amp`` -> "bf16"), or the value itself."""
+    return value.value if isinstance(value, Enum) else value

@@ -53,16 +53,6 @@ def scaled_options(iterations: int) -> dict[str, list[str]]:
     }
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
-
-    from abnexp.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="abnexp.configs", version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -81,6 +71,7 @@ def main(argv=None) -> None:
 
     import torch
 
+    from abnexp.config import compose
     from abnexp.data.demo import PER_CLASS, SOURCES
     from abnexp.engine.trainer import train
 

@@ -1,10 +1,15 @@
-"""Datasets: one explicit name → builder table. Each builder returns a dataset root checked
-for its layout; the task decides the transforms."""
+"""Datasets: the data table, one entry per ``data=`` option. An entry checks (or generates) the
+dataset's root folder and carries the option's schema -- classification, segmentation or detection
+data, each extending :class:`abnexp.config.DataConfig` -- so a key of another kind of dataset
+(``data=demo data.scale_range=...``) fails at composition; the task decides the transforms."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
+
+from abnexp.config import DataConfig
 
 from abnexp.data.demo import ensure_demo
 from abnexp.data.coco import check_coco_root
@@ -36,15 +41,66 @@ def _demo_cityscapes_root(root: str | None) -> Path:
     return check_seg_root("demo_cityscapes", ensure_demo_cityscapes(root))
 
 
-DATASETS: dict[str, Callable[[str | None], Path]] = {
-    "demo": _demo_root,
-    "imagenet": _imagenet_root,
-    "coco": _coco_root,
-    "demo_coco": _demo_coco_root,
-    "cityscapes": partial(check_seg_root, "cityscapes"),
-    "coco_stuff": partial(check_seg_root, "coco_stuff"),
-    "vistas": partial(check_seg_root, "vistas"),
-    "demo_cityscapes": _demo_cityscapes_root,
+_IMAGENET_MEAN, _IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ClassificationData(DataConfig):
+    """ImageFolder classification (InPlace-ABN §4.1: RandomResizedCrop, flip, colour jitter, PCA
+    lighting; evaluation at ``crop_size``, 10 crops, and ``large_crop_size``). Sizes in pixels."""
+
+    crop_size: int = 56  # training crop and validation center crop
+    large_crop_size: int = 80  # the third evaluation protocol (320 on ImageNet)
+    resize_ratio: float = 0.875  # validation resize = crop / ratio (224 -> 256)
+    mean: list[float] = field(default_factory=lambda: list(_IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(_IMAGENET_STD))
+    color_jitter: float = 0.4
+    lighting: float = 0.1  # AlexNet-style PCA lighting noise standard deviation
+    min_scale: float = 0.08  # RandomResizedCrop lower area bound
+
+
+@dataclass
+class SegmentationData(DataConfig):
+    """Semantic segmentation (InPlace-ABN §4.2, Tables 3-4): random scale, ``crop_size``² crops
+    (pixels) padded with the ignore label, flip; ``class_uniform`` as Table 4."""
+
+    crop_size: int = 512
+    mean: list[float] = field(default_factory=lambda: list(_IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(_IMAGENET_STD))
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])  # random scale of training images
+    long_side: int = 0  # resize images to this long side [pixels] before scaling and at test; 0 = as stored
+    class_uniform: float = 0.0  # fraction of training crops sampled class-uniformly
+
+
+@dataclass
+class DetectionData(DataConfig):
+    """COCO-style detection: the detector resizes images to a shorter side of ``min_size`` and a
+    longer side of at most ``max_size`` pixels (MABN §5.2, CBN §4.2: 800 / 1333)."""
+
+    mean: list[float] = field(default_factory=lambda: list(_IMAGENET_MEAN))
+    std: list[float] = field(default_factory=lambda: list(_IMAGENET_STD))
+    min_size: int = 800
+    max_size: int = 1333
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One ``data=`` option: ``root(data.root)`` -> the checked (or generated) root folder
+    (raises DatasetError naming the path and the expected layout); ``options``: its schema."""
+
+    root: Callable[[str | None], Path]
+    options: type
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "demo": DatasetSpec(_demo_root, ClassificationData),
+    "imagenet": DatasetSpec(_imagenet_root, ClassificationData),
+    "cityscapes": DatasetSpec(partial(check_seg_root, "cityscapes"), SegmentationData),
+    "coco_stuff": DatasetSpec(partial(check_seg_root, "coco_stuff"), SegmentationData),
+    "vistas": DatasetSpec(partial(check_seg_root, "vistas"), SegmentationData),
+    "demo_cityscapes": DatasetSpec(_demo_cityscapes_root, SegmentationData),
+    "coco": DatasetSpec(_coco_root, DetectionData),
+    "demo_coco": DatasetSpec(_demo_coco_root, DetectionData),
 }
 
 
@@ -57,7 +113,7 @@ def dataset_root(name: str, root: str | None) -> Path:
     """
     if name not in DATASETS:
         raise ConfigError(f"data.name={name!r} is not a dataset; valid: {', '.join(DATASETS)}")
-    return DATASETS[name](root)
+    return DATASETS[name].root(root)
 
 
 def classification_sets(data_cfg) -> tuple:
@@ -74,5 +130,5 @@ def classification_sets(data_cfg) -> tuple:
     return train, val
 
 
-__all__ = ["DATASETS", "AbnexpError", "ConfigError", "DatasetError", "dataset_root",
+__all__ = ["DATASETS", "DatasetSpec", "ClassificationData", "SegmentationData", "DetectionData", "AbnexpError", "ConfigError", "DatasetError", "dataset_root",
            "classification_sets", "eval_transform", "train_transform", "image_folder"]

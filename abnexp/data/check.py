@@ -1,4 +1,4 @@
-"""``abnexp data check data=<name> [data.root=PATH] [max_images=N]``: validate a dataset before
+"""Dataset checks behind ``abnexp data check`` (abnexp.commands.data): validate a dataset before
 hours are spent training on it.
 
 Segmentation datasets (cityscapes, coco_stuff, vistas, demo_cityscapes), both splits:
@@ -17,9 +17,7 @@ from PIL import Image
 
 from abnexp.data import dataset_root
 from abnexp.data.segmentation import IGNORE_INDEX, SEGMENTATION, SegSpec, read_label
-from abnexp.errors import AbnexpError, DatasetError
-
-USAGE = "usage: abnexp data check data=<name> [data.root=PATH] [max_images=N]"
+from abnexp.errors import DatasetError
 
 
 def _base(path: Path) -> str:
@@ -112,25 +110,3 @@ def check_dataset(name: str, root, max_images: int = 0) -> tuple[bool, str]:
         lines.append(f"\nwarning: {len(absent)} classes have no training pixels: {', '.join(absent)}")
     lines += [""] + ([f"problem: {p}" for p in problems] or ["no problems found"])
     return not problems, "\n".join(lines)
-
-
-def data_command(argv: list[str]) -> int:
-    """``abnexp data check ...``; returns the exit status (0 ok, 1 problems).
-
-    Raises:
-        AbnexpError: bad usage, unknown dataset / key, or a missing root.
-    """
-    if argv[:1] != ["check"]:
-        raise AbnexpError(USAGE)
-    from abnexp.report.memory_report import compose_config
-
-    max_images = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("max_images=")]
-    overrides = [a for a in argv[1:] if not a.startswith("max_images=")]
-    if not any(a.startswith("data=") for a in overrides) or not all(a.startswith("data") for a in overrides):
-        raise AbnexpError(USAGE)
-    cfg = compose_config(overrides)
-    if max_images and not max_images[0].isdigit():
-        raise AbnexpError(f"max_images={max_images[0]}: expected a number of images per split (0 = all)")
-    ok, report = check_dataset(cfg.data.name, cfg.data.root, int(max_images[0]) if max_images else 0)
-    print(report)
-    return 0 if ok else 1

@@ -11,6 +11,7 @@ from bisect import bisect_right
 import torch
 from torch import nn
 
+from abnexp.config import choice
 from abnexp.errors import ConfigError
 
 
@@ -57,7 +58,7 @@ class EpochLR:
 
     def lr_at(self, base_lr: float, t: float) -> float:
         c, frac = self.cfg, min(max(t / self.total, 0.0), 1.0) if self.total > 0 else 1.0
-        name = getattr(c.name, "value", c.name)
+        name = choice(c.name)
         if name == "step":
             lr = base_lr * c.gamma ** bisect_right(sorted(c.milestones), t)
         elif name == "linear":

@@ -16,58 +16,23 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import BatchSampler, DataLoader
+from torch.utils.data import DataLoader
 
-from abnexp.data.sampling import ResumableSampler, SeededDataset, ShardSampler
+from abnexp.data.sampling import ResumableSampler, SeededDataset
 from abnexp.engine.checkpoint import (LAST, load_checkpoint, resolve_resume, rng_state, save_checkpoint,
                                       set_rng_state)
-from abnexp.engine.distributed import DistEnv, all_reduce_sum, init_distributed, sync_group
+from abnexp.engine.distributed import all_reduce_sum, init_distributed, sync_group
 from abnexp.engine.logging import RunLogger, peak_memory_bytes
 from abnexp.engine.optim import EpochLR, build_optimizer
+from abnexp.engine.runtime import make_eval_loader, run_context, unwrap
 from abnexp.errors import AbnexpError, ConfigError
 from abnexp.norm.sync import check_running_stats_synchronized, set_process_group
 from abnexp.tasks import build_task
 
 log = logging.getLogger("abnexp")
 
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 class TrainingDiverged(AbnexpError):
     """The loss became NaN or infinite."""
-
-
-def select_device(name: str, env: DistEnv) -> torch.device:
-    """``auto`` → this process's CUDA device if CUDA is available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-        if env.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"process LOCAL_RANK={env.local_rank} has no GPU of its own ({torch.cuda.device_count()} "
-                              f"visible): start at most one process per GPU (--nproc_per_node)")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    if name != "cpu":
-        raise ConfigError(f"device={name!r}; valid: auto, cpu, cuda")
-    return torch.device("cpu")
-
-
-def amp_dtype(cfg) -> torch.dtype | None:
-    return AMP_DTYPES[getattr(cfg.amp, "value", cfg.amp)]
-
-
-def make_eval_loader(dataset, cfg, ten_crop: bool = False, env: DistEnv = DistEnv(), collate_fn=None) -> DataLoader:
-    """Sequential loader over this rank's shard of a validation set (every sample on exactly one
-    rank, no padding; ten-crop batches hold 10× the images); ``collate_fn``: the task's, if any."""
-    batch = max(1, cfg.data.batch_size // (10 if ten_crop else 1))
-    return DataLoader(dataset, batch_size=batch, sampler=ShardSampler(len(dataset), env.world_size, env.rank),
-                      num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def train(cfg, run_dir: str | Path) -> dict:
@@ -79,7 +44,8 @@ def train(cfg, run_dir: str | Path) -> dict:
     """
     run_dir = Path(run_dir)
     env = init_distributed()
-    device = select_device(cfg.device, env)
+    ctx = run_context(cfg, env)
+    device = ctx.device
     recipe_world = cfg.experiment.world_size if cfg.get("experiment") else env.world_size
     if recipe_world != env.world_size:
         log.warning("the recipe assumes %d processes (global batch %d) but %d are running (global batch %d): "
@@ -101,11 +67,10 @@ def train(cfg, run_dir: str | Path) -> dict:
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size={batch_size} is larger than the {len(sampler.sampler)} training "
                           f"samples per process; lower data.batch_size")
-    # optional task hooks: a collate_fn (detection's lists of images and targets) and a batch sampler
-    # drawing whole batches from the resumable sampler (detection's aspect-ratio grouping)
-    collate_fn = getattr(task, "collate_fn", None)
-    batch_sampler = (task.train_batch_sampler(sampler, batch_size) if hasattr(task, "train_batch_sampler")
-                     else BatchSampler(sampler, batch_size, drop_last=True))
+    # the task's collation (detection: lists of images and targets) and whole batches drawn from the
+    # resumable sampler (detection: aspect-ratio grouping)
+    collate_fn = task.collate_fn
+    batch_sampler = task.train_batch_sampler(sampler, batch_size)
     # generator: starting an epoch's iterator draws the workers' base seed from it, not from the global
     # RNG that training consumes (detection's RPN / RoI sampling), so a mid-epoch resume stays exact
     # (SeededDataset seeds every sample itself, so the workers' seeds do not matter)
@@ -114,7 +79,7 @@ def train(cfg, run_dir: str | Path) -> dict:
     val_loader = make_eval_loader(val_set, cfg, env=env, collate_fn=collate_fn)
     optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size)
     scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
-    autocast_dtype = amp_dtype(cfg)
+    autocast_dtype = ctx.amp_dtype
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     epoch, step, metrics = 0, 0, {}
@@ -167,7 +132,7 @@ def train(cfg, run_dir: str | Path) -> dict:
                     break
                 scheduler.set_progress(epoch + i / steps_per_epoch)
                 with amp:
-                    loss, n = task.loss(model, batch, device, cfg.channels_last)
+                    loss, n = task.loss(model, batch, ctx)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. The last good "
@@ -198,7 +163,7 @@ def train(cfg, run_dir: str | Path) -> dict:
             if step == (epoch + 1) * steps_per_epoch:
                 epoch += 1
                 if epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
-                    metrics = task.validate(unwrap(model), val_loader, device, autocast_dtype, cfg.channels_last)
+                    metrics = task.validate(unwrap(model), val_loader, ctx)
                     logger.val(step, epoch, metrics)
             checkpoint()
     finally:

@@ -1,15 +1,22 @@
-"""Backbones and the model registry.
+"""Backbones and the model table (one entry per ``model=`` option: builder and schema).
 
 Every model is built from an injected :class:`~abnexp.norm.factory.NormAct` (no model
 hard-codes BatchNorm), has the constructor ``(norm_act, num_classes=1000, output_stride=32,
 input_3x3=False)``, an ``out_channels`` attribute, ``forward_features(x)`` ->
-(N, out_channels, H/os, W/os) and ``forward(x)`` -> (N, num_classes) logits.
+(N, out_channels, H/os, W/os), ``forward(x)`` -> (N, num_classes) logits, ``feature_stages()``
+-> its stride-4, 8, 16, 32 feature maps (:class:`~abnexp.models.stages.FeatureStage`: tap
+module, channels, stride) and ``stem_modules`` (the names before the first stage, or None).
+A classification checkpoint initializes a backbone with
+:func:`abnexp.models.pretrained.load_backbone`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable
 
 from torch import nn
+
+from abnexp.config import ModelConfig
 
 from abnexp.models.heads import ClassificationHead
 from abnexp.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
@@ -19,34 +26,67 @@ from abnexp.models.wideresnet import WideResNet38, wideresnet38
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "resnet152": resnet152,
-    "resnext50": resnext50,
-    "resnext101": resnext101,
-    "resnext152": resnext152,
-    "wideresnet38": wideresnet38,
+@dataclass
+class ResNeXtOptions(ModelConfig):
+    """ResNeXt's extra key: ``input_3x3`` = three 3×3 convolutions in the stem instead of one 7×7
+    (the InPlace-ABN reference models' ``input_3x3``)."""
+
+    input_3x3: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``model=`` option: ``builder(norm_act, num_classes=..., **options)`` -> the model; ``options``:
+    its schema (keys beyond name and pretrained are the builder's keyword arguments)."""
+
+    builder: Callable[..., nn.Module]
+    options: type = ModelConfig
+
+    def builder_keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self.options) if f.name not in ("name", "pretrained"))
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec(resnet18),
+    "resnet34": ModelSpec(resnet34),
+    "resnet50": ModelSpec(resnet50),
+    "resnet101": ModelSpec(resnet101),
+    "resnet152": ModelSpec(resnet152),
+    "resnext50": ModelSpec(resnext50, ResNeXtOptions),
+    "resnext101": ModelSpec(resnext101, ResNeXtOptions),
+    "resnext152": ModelSpec(resnext152, ResNeXtOptions),
+    "wideresnet38": ModelSpec(wideresnet38),
 }
+"""model name -> its entry (the ``model=`` options of configs/model/)."""
 
 
-def build_model(name: str, norm_act: "NormAct", num_classes: int, output_stride: int = 32,
-                input_3x3: bool = False) -> nn.Module:
+def build_model(name: str, norm_act: "NormAct", num_classes: int, **options) -> nn.Module:
     """Build the model ``name`` (a key of :data:`MODELS`) with the given norm factory.
 
+    Args:
+        options: keys of the model's schema (output_stride, input_3x3 for ResNeXt, ...); missing
+            keys take the builder's defaults. A composed ``cfg.model`` passes as
+            ``build_model(norm_act=..., num_classes=..., **model_options(cfg.model))``.
+
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid names), an invalid
-            ``output_stride`` (valid: 8, 16, 32), or ``input_3x3=True`` for a model other
-            than ResNeXt.
+        ValueError: unknown ``name`` (the message lists the valid names), an option the model does
+            not have, or an invalid ``output_stride`` (valid: 8, 16, 32).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
-    return MODELS[name](norm_act, num_classes=num_classes, output_stride=output_stride,
-                        input_3x3=input_3x3)
+    spec = MODELS[name]
+    unknown = sorted(set(options) - set(spec.builder_keys()))
+    if unknown:
+        raise ValueError(f"model={name} has no option {', '.join(unknown)}; its options: {', '.join(spec.builder_keys())}")
+    return spec.builder(norm_act, num_classes=num_classes, **options)
 
 
-__all__ = ["MODELS", "build_model", "ClassificationHead", "ResNet", "ResNeXt", "WideResNet38",
+def model_options(model_cfg) -> dict:
+    """``build_model``'s arguments from a composed ``cfg.model`` (name and the builder's keys)."""
+    return {"name": model_cfg.name, **{k: model_cfg[k] for k in MODELS[model_cfg.name].builder_keys()}} \
+        if model_cfg.name in MODELS else {"name": model_cfg.name}
+
+
+__all__ = ["MODELS", "ModelSpec", "ResNeXtOptions", "build_model", "model_options", "ClassificationHead", "ResNet", "ResNeXt", "WideResNet38",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50",
            "resnext101", "resnext152", "wideresnet38"]

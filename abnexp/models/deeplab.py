@@ -10,7 +10,6 @@ injected :class:`~abnexp.norm.factory.NormAct`, so ``norm=inplace_abn`` applies 
 """
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,8 +21,6 @@ from abnexp.models.heads import ClassificationHead
 
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
-
-log = logging.getLogger("abnexp")
 
 RATES = {8: (12, 24, 36), 16: (6, 12, 18)}  # output stride -> dilation rates of the 3x3 branches
 
@@ -98,37 +95,3 @@ class DeepLabV3(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(self.head(self.backbone.forward_features(x)))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def load_backbone(model: DeepLabV3, state: dict, source: str) -> dict:
-    """Loads a classification model's weights (``state``: an abnexp checkpoint's "model") into
-    ``model.backbone``. The source's classification head is dropped; other missing / unexpected
-    keys are logged (and returned).
-
-    Returns:
-        {"loaded": n, "missing": [...], "unexpected": [...], "dropped_head": [...]}.
-
-    Raises:
-        ValueError: no key matches (another architecture) or a shape differs, naming the keys.
-    """
-    head = {name for name, m in model.backbone.named_children() if isinstance(m, nn.Identity)}
-    dropped = sorted(k for k in state if k.split(".", 1)[0] in head)
-    state = {k: v for k, v in state.items() if k not in dropped}
-    own = model.backbone.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and own[k].shape != v.shape]
-    if shapes:
-        raise ValueError(f"{source}: shapes differ from the backbone's, e.g. {shapes[:3]}")
-    result = model.backbone.load_state_dict(state, strict=False)
-    loaded = len(state) - len(result.unexpected_keys)
-    if loaded == 0:
-        raise ValueError(f"{source}: none of its {len(state)} weights belongs to this backbone "
-                         f"(e.g. {next(iter(state), '-')}); was it trained with another model=?")
-    log.info("backbone from %s: %d tensors loaded, classification head dropped (%s)", source, loaded,
-             ", ".join(dropped) or "none")
-    if result.missing_keys:
-        log.warning("backbone keys not in %s (left as initialized): %s", source, ", ".join(result.missing_keys))
-    if result.unexpected_keys:
-        log.warning("keys of %s the backbone does not have (ignored): %s", source, ", ".join(result.unexpected_keys))
-    return {"loaded": loaded, "missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys),
-            "dropped_head": dropped}

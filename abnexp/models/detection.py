@@ -6,9 +6,10 @@ supplies the parts the small-batch-normalization papers change (CBN paper, Table
 released mmdetection configs; MABN paper §5.2):
 
 - :class:`BackboneWithFPN`: a ResNet / pre-activation ResNeXt body tapped at strides 4, 8, 16, 32
-  (C2..C5) followed by an :class:`FPN` whose lateral 1x1 and output 3x3 convolutions are each
-  followed by a norm (identity activation, as mmdetection's FPN with ``norm_cfg``) and a P6 max
-  pool (torchvision's ``LastLevelMaxPool``); it can freeze stages and norm layers of the body.
+  (C2..C5, where the body's ``feature_stages()`` declares them) followed by an :class:`FPN`
+  whose lateral 1x1 and output 3x3 convolutions are each followed by a norm (identity activation,
+  as mmdetection's FPN with ``norm_cfg``) and a P6 max pool (torchvision's ``LastLevelMaxPool``);
+  it can freeze stages and norm layers of the body.
 - :class:`ConvFCBoxHead`: the "4conv1fc" box head (4 x [3x3 conv 256 + norm + act], fc 1024 + ReLU).
 - :class:`MaskHead`: the 4-conv mask head (4 x [3x3 conv 256 + norm + act]).
 
@@ -19,6 +20,7 @@ convolution) without bias, and each norm receives the convolution it follows
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Sequence
 
@@ -30,16 +32,35 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from abnexp.config import HeadConfig
 from abnexp.models.blocks import init_conv_weights
 from abnexp.models.heads import ClassificationHead
-from abnexp.models.resnet import ResNet
-from abnexp.models.resnext import ResNeXt
+from abnexp.models.stages import NOMINAL_STRIDES
 
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
 
-DETECTORS = {"mask_rcnn_fpn": MaskRCNN, "faster_rcnn_fpn": FasterRCNN}
-"""head name -> torchvision detector class (``head=<name>``)."""
+@dataclass
+class MaskRCNNHeadConfig(HeadConfig):
+    """Mask R-CNN's extra key: convolutions of the mask head (He et al., ICCV 2017, Fig. 4: 4)."""
+
+    mask_head_convs: int = 4
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One ``head=`` option: the torchvision detector class, its schema, whether it predicts masks."""
+
+    detector: type
+    options: type = HeadConfig
+    masks: bool = False
+
+
+HEADS: dict[str, HeadSpec] = {
+    "mask_rcnn_fpn": HeadSpec(MaskRCNN, MaskRCNNHeadConfig, masks=True),
+    "faster_rcnn_fpn": HeadSpec(FasterRCNN),
+}
+"""head name -> its entry (the ``head=`` options of configs/head/, task=detection)."""
 
 
 class ConvNorm(nn.Module):
@@ -89,34 +110,42 @@ class FPN(nn.Module):
         return OrderedDict(zip(names, results))
 
 
-def feature_taps(body: nn.Module) -> list[tuple[str, int]]:
-    """(module name, channels) whose outputs are the C2..C5 features (strides 4, 8, 16, 32).
+def _check_stem(body: nn.Module) -> None:
+    """ValueError unless the body splits into a stem and four stages (declares ``stem_modules``)."""
+    if body.stem_modules is None:
+        raise ValueError(f"{type(body).__name__} has no FPN taps for detection (no stem + four stages split); "
+                         f"detection supports the resnet* and resnext* models")
 
-    ResNet v1: the outputs of layer1..layer4. Pre-activation ResNeXt: a stage's output is a raw
-    residual sum that only the next stage's first ``bn1`` normalizes, so C2..C4 are the outputs of
-    ``mod3/mod4/mod5.block1.bn1`` (normalized + activated, like a post-activation stage output; the
-    same tensor the next stage consumes, so in-place norms stay safe) and C5 is ``bn_out``'s.
+
+def feature_taps(body: nn.Module) -> list[tuple[str, int]]:
+    """(module name, channels) whose outputs are the C2..C5 features (strides 4, 8, 16, 32), from
+    the body's ``feature_stages()`` declaration (:class:`~abnexp.models.stages.FeatureStage`).
+
+    ResNet v1: the outputs of layer1..layer4. Pre-activation ResNeXt: the outputs of
+    ``mod3/mod4/mod5.block1.bn1`` and ``bn_out`` (a stage's own output is an unnormalized residual
+    sum; the tapped tensor is the one the next stage consumes, so in-place norms stay safe).
 
     Raises:
-        ValueError: a backbone without FPN taps (WideResNet-38) or output_stride != 32.
+        ValueError: output_stride != 32, or a backbone with no stem + four stages split
+            (``stem_modules`` None: WideResNet-38).
     """
-    if getattr(body, "output_stride", 32) != 32:
+    stages = body.feature_stages()
+    if tuple(s.stride for s in stages) != NOMINAL_STRIDES:
         raise ValueError(f"detection needs model.output_stride=32 (the FPN adds its own strides), "
-                         f"got {body.output_stride}")
-    if isinstance(body, ResNet):
-        return [(f"layer{i}", body.out_channels >> (4 - i)) for i in range(1, 5)]
-    if isinstance(body, ResNeXt):
-        taps = [(f"{m}.block1.bn1", body.get_submodule(m).block1.convs.conv1.in_channels)
-                for m in ("mod3", "mod4", "mod5")]
-        return taps + [("bn_out", body.out_channels)]
-    raise ValueError(f"{type(body).__name__} has no FPN taps; detection supports the resnet* and resnext* models")
+                         f"got {getattr(body, 'output_stride', None)}")
+    _check_stem(body)
+    return [(s.tap, s.channels) for s in stages]
 
 
 def backbone_stages(body: nn.Module) -> list[list[str]]:
-    """Module names of the stem and the four stages, bottom-up (torchvision's trainable-layer order)."""
-    if isinstance(body, ResNet):
-        return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-    return [["mod1"], ["mod2"], ["mod3"], ["mod4"], ["mod5", "bn_out"]]
+    """Module names of the stem and the four stages, bottom-up (torchvision's trainable-layer
+    order), from the body's ``stem_modules`` and ``feature_stages()``.
+
+    Raises:
+        ValueError: the body declares no stem (``stem_modules`` None: WideResNet-38).
+    """
+    _check_stem(body)
+    return [list(body.stem_modules)] + [list(s.modules) for s in body.feature_stages()]
 
 
 def remove_classifier(body: nn.Module) -> list[str]:
@@ -213,12 +242,13 @@ def build_detector(head: str, backbone: BackboneWithFPN, norm_act: "NormAct", nu
     Raises:
         ValueError: unknown ``head`` (lists the valid ones).
     """
-    if head not in DETECTORS:
-        raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(DETECTORS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; valid heads: {', '.join(HEADS)}")
+    spec = HEADS[head]
     channels = backbone.out_channels
     box_head = ConvFCBoxHead(norm_act, channels, 7, box_head_convs, channels, box_head_fc)
     kwargs = dict(box_head=box_head, box_predictor=FastRCNNPredictor(box_head_fc, num_classes + 1), **rcnn_kwargs)
-    if head == "mask_rcnn_fpn":
+    if spec.masks:
         kwargs.update(mask_head=MaskHead(norm_act, channels, mask_head_convs, channels),
                       mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1))
-    return DETECTORS[head](backbone, num_classes=None, **kwargs)
+    return spec.detector(backbone, num_classes=None, **kwargs)

@@ -20,6 +20,7 @@ from torch import nn
 
 from abnexp.models.blocks import check_output_stride, init_conv_weights, reject_input_3x3
 from abnexp.models.heads import ClassificationHead
+from abnexp.models.stages import FeatureStage, stage_strides
 
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
@@ -87,6 +88,9 @@ class ResNet(nn.Module):
     Shapes: ``forward_features``: (N, 3, H, W) -> (N, out_channels, H/os, W/os) with
     os = ``output_stride`` (ceil division at each stride); ``forward``: -> (N, num_classes).
 
+    Feature stages (:meth:`feature_stages`): the outputs of ``layer1`` .. ``layer4``; the stem
+    (:attr:`stem_modules`) is ``conv1`` + ``bn1`` (the max-pool has no parameters).
+
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
         layers: number of blocks in layer1..layer4.
@@ -97,6 +101,9 @@ class ResNet(nn.Module):
         input_3x3: not supported (ValueError if True).
         name: model name used in error messages.
     """
+
+    stem_modules = ("conv1", "bn1")
+    """Top-level children with parameters before ``layer1`` (torchvision's first trainable layer)."""
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
@@ -137,6 +144,13 @@ class ResNet(nn.Module):
         for _ in range(1, blocks):
             layers.append(block(self.inplanes, planes, 1, self.dilation, None, norm_act))
         return nn.Sequential(*layers)
+
+    def feature_stages(self) -> tuple[FeatureStage, ...]:
+        """C2..C5: ``layer1`` .. ``layer4`` outputs (post-activation blocks end in the activation),
+        channels 64, 128, 256, 512 times the block expansion (1 basic, 4 bottleneck), strides 4, 8,
+        16, 32 pixels at output stride 32 (see :class:`~abnexp.models.stages.FeatureStage`)."""
+        return tuple(FeatureStage(f"layer{i}", self.out_channels >> (4 - i), stride, (f"layer{i}",))
+                     for i, stride in enumerate(stage_strides(self.output_stride), start=1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, out_channels, H/os, W/os)."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from abnexp.models.blocks import IdentityResidualBlock, check_output_stride, init_conv_weights
 from abnexp.models.heads import ClassificationHead
+from abnexp.models.stages import FeatureStage, stage_strides
 
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
@@ -44,6 +45,10 @@ class ResNeXt(nn.Module):
     Shapes: ``forward_features``: (N, 3, H, W) -> (N, 2048, H/os, W/os) (after ``bn_out``);
     ``forward``: -> (N, num_classes).
 
+    Feature stages (:meth:`feature_stages`): the outputs of ``mod3`` / ``mod4`` / ``mod5.block1.bn1``
+    and of ``bn_out`` (pre-activation: a stage's own output is an unnormalized residual sum); the
+    stem (:attr:`stem_modules`) is ``mod1``.
+
     Args:
         structure: blocks per stage (four values).
         norm_act: normalization + activation factory.
@@ -53,6 +58,9 @@ class ResNeXt(nn.Module):
         groups: cardinality of the grouped 3x3 convolutions.
         base_channels: block channels of the first stage.
     """
+
+    stem_modules = ("mod1",)
+    """Top-level children with parameters before ``mod2`` (torchvision's first trainable layer)."""
 
     def __init__(self, structure: Sequence[int], norm_act: "NormAct", num_classes: int = 1000,
                  output_stride: int = 32, input_3x3: bool = False, groups: int = 64,
@@ -80,6 +88,7 @@ class ResNeXt(nn.Module):
 
         in_channels = 64
         channels = tuple(base_channels)
+        self._stage_channels: list[int] = []  # output channels of mod2..mod5
         for mod_id, (num, (stride, dilation)) in enumerate(zip(structure,
                                                                _STAGES[output_stride])):
             blocks = []
@@ -89,12 +98,23 @@ class ResNeXt(nn.Module):
                     dilation=dilation, groups=groups, norm_act=norm_act)))
                 in_channels = channels[-1]
             self.add_module(f"mod{mod_id + 2}", nn.Sequential(OrderedDict(blocks)))
+            self._stage_channels.append(in_channels)
             channels = tuple(2 * c for c in channels)
 
         self.out_channels = in_channels
         self.bn_out = norm_act(in_channels)
         self.classifier = ClassificationHead(in_channels, num_classes)
         init_conv_weights(self)
+
+    def feature_stages(self) -> tuple[FeatureStage, ...]:
+        """C2..C5 of ``mod2`` .. ``mod5``: the normalized + activated stage outputs, i.e. the outputs
+        of ``mod3.block1.bn1``, ``mod4.block1.bn1``, ``mod5.block1.bn1`` and ``bn_out``; channels
+        256, 512, 1024, 2048 with the default widths, strides 4, 8, 16, 32 pixels at output stride
+        32 (see :class:`~abnexp.models.stages.FeatureStage`)."""
+        taps = ("mod3.block1.bn1", "mod4.block1.bn1", "mod5.block1.bn1", "bn_out")
+        modules = (("mod2",), ("mod3",), ("mod4",), ("mod5", "bn_out"))
+        return tuple(FeatureStage(*stage) for stage in zip(taps, self._stage_channels,
+                                                            stage_strides(self.output_stride), modules))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, out_channels, H/os, W/os), including ``bn_out``."""

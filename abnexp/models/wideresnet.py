@@ -22,6 +22,7 @@ from torch import nn
 from abnexp.models.blocks import (IdentityResidualBlock, check_output_stride,
                                   init_conv_weights, reject_input_3x3)
 from abnexp.models.heads import ClassificationHead
+from abnexp.models.stages import FeatureStage, stage_strides
 
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
@@ -49,12 +50,21 @@ class WideResNet38(nn.Module):
     Shapes: ``forward_features``: (N, 3, H, W) -> (N, 4096, H/os, W/os) (after ``bn_out``);
     ``forward``: -> (N, num_classes).
 
+    Feature stages (:meth:`feature_stages`): strides 4 (``mod3``), 8 (``mod4``), 16 (``mod5``) and
+    32 (``mod6`` + ``mod7``), tapped where they are normalized (``mod4`` / ``mod5`` /
+    ``mod6.block1.bn1``, ``bn_out``). No stem is declared (:attr:`stem_modules` is None): the
+    network runs a residual stage (``mod2``) at stride 2, below the stride-4 stage, so it has no
+    stem + four stages split (torchvision's ``trainable_backbone_layers``) and is no detection
+    backbone.
+
     Args:
         norm_act: normalization + activation factory.
         num_classes: logits of the linear classifier.
         output_stride: 32, 16 or 8.
         input_3x3: not supported (ValueError if True).
     """
+
+    stem_modules = None
 
     def __init__(self, norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
                  input_3x3: bool = False) -> None:
@@ -83,6 +93,17 @@ class WideResNet38(nn.Module):
         self.bn_out = norm_act(in_channels)
         self.classifier = ClassificationHead(in_channels, num_classes)
         init_conv_weights(self)
+
+    def feature_stages(self) -> tuple[FeatureStage, ...]:
+        """The stride-4, 8, 16, 32 maps: the outputs of ``mod4.block1.bn1`` (normalized ``mod3``
+        output, 256 channels), ``mod5.block1.bn1`` (``mod4``, 512), ``mod6.block1.bn1`` (``mod5``,
+        1024) and ``bn_out`` (``mod7``, 4096); strides at output stride 32 (see
+        :class:`~abnexp.models.stages.FeatureStage`)."""
+        taps = ("mod4.block1.bn1", "mod5.block1.bn1", "mod6.block1.bn1", "bn_out")
+        channels = (CHANNELS[1][-1], CHANNELS[2][-1], CHANNELS[3][-1], self.out_channels)
+        modules = (("mod3",), ("mod4",), ("mod5",), ("mod6", "mod7", "bn_out"))
+        return tuple(FeatureStage(*stage) for stage in zip(taps, channels, stage_strides(self.output_stride),
+                                                            modules))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, out_channels, H/os, W/os), including ``bn_out``."""

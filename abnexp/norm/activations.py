@@ -11,8 +11,8 @@ This module is the single place where each activation's math lives. Every entry 
 * ``invertible(param)``: whether ``phi`` with this parameter is a bijection, i.e. whether
   it can be used by the in-place layers (InPlace-ABN, Algorithm 2: ``y <- phi^-1(z)``).
 
-Source: InPlace-ABN (Rota Bulò et al., CVPR 2018), Sec. 3 and the reference summary
-(``shared/reference/inplace_abn.md``, "Activations"). Conventions at the kinks follow
+Source: InPlace-ABN (Rota Bulò et al., CVPR 2018), Sec. 3.2-3.3 (Eqs. 4-8: the inverse of the
+activation and the gradients from its output) and the authors' released library. Conventions at the kinks follow
 PyTorch's own backward kernels (``leaky_relu_backward`` / ``elu_backward`` with
 ``is_result=True``): at ``z == 0`` the negative-side slope is used.
 

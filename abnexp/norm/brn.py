@@ -1,9 +1,8 @@
 """Batch Renormalization + activation (``norm=brn``), the small-batch baseline of MABN and CBN.
 
 Source: Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
-Batch-Normalized Models" (NIPS 2017), Algorithm 1; schedule as in shared/reference/
-small_batch_norms.md (r_max = 1, d_max = 0 for the first 5k iterations, then linearly to
-r_max = 3 at 40k and d_max = 5 at 25k).
+Batch-Normalized Models" (NIPS 2017), Algorithm 1; schedule of its §4 (r_max = 1, d_max = 0 for
+the first 5k iterations, then linearly to r_max = 3 at 40k and d_max = 5 at 25k).
 
 Training, per channel over N and the spatial positions: ``mu_B``, ``sigma_B = sqrt(var_B +
 eps)`` (biased batch variance), ``sigma = sqrt(running_var + eps)``;
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from abnexp.norm.abn import NormActBase
+from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import get_activation
 from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims, update_running_stats,
                                     values_per_channel)

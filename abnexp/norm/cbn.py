@@ -1,7 +1,7 @@
 """Cross-Iteration Batch Normalization (CBN) + activation (``norm=cbn``).
 
 Source: Yao, Cao, Zheng, Huang, Lin, "Cross-Iteration Batch Normalization" (CVPR 2021),
-Algorithm 1, Eqs. 7-12 and Appendix B; see shared/reference/small_batch_norms.md.
+Algorithm 1, Eqs. 7-12 and Appendix B (and the authors' released code, Howal/Cross-iterationBatchNorm).
 
 Training iteration t of a layer whose input x = conv(u; theta) is the output of its paired
 convolution (per channel c, reductions over N and the output positions, m values):
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from abnexp.norm.abn import NormActBase
+from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import get_activation
 from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims, update_running_stats,
                                     values_per_channel)

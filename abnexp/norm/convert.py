@@ -6,8 +6,9 @@ import warnings
 import torch
 from torch import nn
 
-from abnexp.norm.abn import NormActBase
-from abnexp.norm.activations import check_output_form, is_invertible
+from abnexp.norm.base import NormActBase
+from abnexp.norm.activations import is_invertible
+from abnexp.norm.registry import NORMS
 
 NEGATIVE_GAMMA_POLICIES = ("raise", "abs")
 
@@ -58,14 +59,13 @@ def convert(model: nn.Module, to: str, *, negative_gamma: str = "raise") -> nn.M
             whose activation is not invertible (e.g. relu; the layers are named); negative
             weights with ``negative_gamma="raise"``. Nothing is modified when raising.
     """
-    from abnexp.norm import INPLACE_NORMS, NORM_LAYERS
-
-    if to not in NORM_LAYERS:
-        raise ValueError(f"unknown norm {to!r}; valid norms: {', '.join(NORM_LAYERS)}")
+    if to not in NORMS:
+        raise ValueError(f"unknown norm {to!r}; valid norms: {', '.join(NORMS)}")
     if negative_gamma not in NEGATIVE_GAMMA_POLICIES:
         raise ValueError(f"negative_gamma must be one of {NEGATIVE_GAMMA_POLICIES}, "
                          f"got {negative_gamma!r}")
-    to_inplace = to in INPLACE_NORMS
+    spec = NORMS[to]
+    to_inplace = spec.inplace
     sites = [(n, m) for n, m in model.named_modules() if isinstance(m, NormActBase)]
 
     problems, negatives = [], []
@@ -73,9 +73,9 @@ def convert(model: nn.Module, to: str, *, negative_gamma: str = "raise") -> nn.M
         if to_inplace and not is_invertible(layer.activation, layer.activation_param):
             problems.append(f"{_describe(name)} uses activation={layer.activation!r} "
                             f"(param {layer.activation_param}), which is not invertible")
-        elif not to_inplace and to != "bn":
+        elif not to_inplace and spec.check_activation is not None:
             try:
-                check_output_form(layer.activation, layer.activation_param, _describe(name))
+                spec.check_activation(layer.activation, layer.activation_param, _describe(name))
             except ValueError as err:
                 problems.append(str(err))
         if to_inplace and layer.affine and not layer.inplace:
@@ -97,7 +97,7 @@ def convert(model: nn.Module, to: str, *, negative_gamma: str = "raise") -> nn.M
         warnings.warn(message + "; converted as |weight| (the function of these channels "
                       "changes).", UserWarning, stacklevel=2)
 
-    factory = NORM_LAYERS[to]
+    factory = spec.layer
     replaced: dict[int, nn.Module] = {}
     for _, layer in sites:
         replaced[id(layer)] = _convert_layer(layer, factory, to_inplace)

@@ -17,9 +17,9 @@ from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
 from abnexp.norm import native
-from abnexp.norm.abn import NormActBase
+from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import check_invertible
-from abnexp.norm.checkpoint import batch_or_running_stats, no_autocast
+from abnexp.norm.checkpointed_bn import batch_or_running_stats, no_autocast
 
 VARIANTS = ("I", "II")
 

@@ -3,7 +3,7 @@
 Source: Yan, Wan, Zhang, Zhang, Wei, Sun, "Towards Stabilizing Batch Statistics in Backward
 Propagation of Batch Normalization" (ICLR 2020), Sec. 4 (moving-average statistics in forward
 *and* backward, the uncentred "modified normalization" of Sec. 4.2, weight centralization), as
-the authors' code (megvii-model/MABN) computes it -- see shared/reference/small_batch_norms.md.
+the authors' code (megvii-model/MABN) computes it (Algorithm 1 of the paper).
 
 Per channel, with reductions over N and the spatial positions, at training iteration t (the
 first is 1; ``num_steps``), normalization batch n (``num_batches_tracked``; n = t unless

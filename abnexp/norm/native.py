@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from abnexp.errors import AbnexpError
+
 ENABLED = os.environ.get("ABNEXP_NATIVE", "1") != "0"
 """Module-level switch: False forces every layer onto the PyTorch reference path."""
 
@@ -53,7 +55,7 @@ HOW_TO_GET = ("install a C++20 compiler (g++ >= 10 or clang++) and ninja (pip in
               "to use the PyTorch reference path without this warning")
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(AbnexpError, RuntimeError):
     """The native module could not be built or loaded; the message says why and what to do."""
 
 

@@ -38,7 +38,7 @@ from abnexp.errors import AbnexpError
 from abnexp.norm import functional as Fn
 from abnexp.norm.abn import ABN
 from abnexp.norm.activations import get_activation
-from abnexp.norm.checkpoint import no_autocast
+from abnexp.norm.checkpointed_bn import no_autocast
 from abnexp.norm.inplace_abn import InPlaceABN
 
 _warned = False

@@ -1,4 +1,4 @@
-"""``abnexp memory <overrides>`` and ``abnexp table memory``: what fits in a device's memory.
+"""What fits in a device's memory (``abnexp memory``, ``abnexp table memory``).
 
 The planner (abnexp.memory.plan) measures the bytes a training step keeps for backward and
 derives the largest batch at a crop and the largest crop at a batch. ``abnexp table memory``
@@ -7,43 +7,14 @@ recomputes InPlace-ABN Table 3's crop counts and crop sides for std-BN vs InPlac
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from abnexp.config import compose
 from abnexp.errors import ConfigError
 from abnexp.memory import GIB, plan
-
-# InPlace-ABN Table 3, per GPU (the paper's totals over 4 GPUs): (network, dataset, model,
-# std-BN crops at S, InPlace-ABN crops at S, S, fixed-batch InPlace-ABN crop side).
-TABLE3 = (
-    ("ResNeXt-101", "Cityscapes", "resnext101", 4, 7, 512, 672),
-    ("ResNeXt-101", "COCO-Stuff", "resnext101", 4, 6, 480, 600),
-    ("WideResNet-38", "Cityscapes", "wideresnet38", 5, 7, 512, 640),
-    ("WideResNet-38", "COCO-Stuff", "wideresnet38", 5, 7, 496, 576),
-)
-PAPER_RATIO_BOUNDS = {"resnext101": (1.40, 2.00), "wideresnet38": (1.17, 1.60)}  # issue 9's intervals
-
-
-def compose_config(overrides: list[str]):
-    """The composed config (no run dir) for ``overrides``.
-
-    Raises:
-        ConfigError: Hydra's composition error message (unknown option / key / value).
-    """
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from abnexp.config import register_configs
-
-    register_configs()
-    try:
-        with initialize_config_module(config_module="abnexp.configs", version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(str(e).strip().splitlines()[0]) from None
+from abnexp.report.paper_tables import TABLE3_MEMORY  # InPlace-ABN Table 3, per GPU
 
 
 def plan_for(cfg) -> dict:
@@ -96,20 +67,6 @@ def format_plan(r: dict) -> str:
         f"  largest square crop at batch {r['batch']}: {r['max_crop']}²"])
 
 
-def memory_command(overrides: list[str]) -> dict:
-    """``abnexp memory``: prints the plan; writes it as JSON to ``memory.json`` if set."""
-    cfg = compose_config(overrides)
-    result = plan_for(cfg)
-    print(format_plan(result))
-    if cfg.memory.measure:
-        result["measured_max_batch"] = measured_max_batch(cfg, result["crop"])
-        print(f"  measured on {torch.cuda.get_device_name()}: largest batch {result['measured_max_batch']}")
-    if cfg.memory.json:
-        Path(cfg.memory.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {cfg.memory.json}")
-    return result
-
-
 def memory_table(out: Path, extra: list[str] = ()) -> Path:
     """Writes InPlace-ABN Table 3's crops-per-GPU and fixed-batch crop sides, planned for std-BN
     (norm=bn) vs InPlace-ABN (norm=inplace_abn), beside the paper's numbers."""
@@ -122,20 +79,23 @@ def memory_table(out: Path, extra: list[str] = ()) -> Path:
              "| fixed batch: InPlace-ABN crop side paper / ours |",
              "|---|---|---|---|---|---|---|---|"]
     verdicts = []
-    for net, dataset, model, std, ipabn, side, fixed_side in TABLE3:
+    for paper in TABLE3_MEMORY:
+        net, dataset, model, std, ipabn, side, fixed_side = (
+            paper.network, paper.dataset, paper.model, paper.std_crops, paper.inplace_crops, paper.crop,
+            paper.fixed_batch_crop)
         common = ["task=semseg", f"model={model}", "model.output_stride=8", f"data.crop_size={side}", *extra]
-        std_plan = plan_for(compose_config([*common, "norm=bn", f"memory.batch={std}"]))
-        ip_plan = plan_for(compose_config([*common, "norm=inplace_abn", f"memory.batch={std}"]))
+        std_plan = plan_for(compose([*common, "norm=bn", f"memory.batch={std}"]))
+        ip_plan = plan_for(compose([*common, "norm=inplace_abn", f"memory.batch={std}"]))
         ratio = ip_plan["max_batch"] / max(std_plan["max_batch"], 1)
-        lo, hi = PAPER_RATIO_BOUNDS[model]
+        lo, hi = paper.ratio_bounds()
         ok = lo <= ratio < hi
         verdicts.append(ok)
         kept = f"{std_plan['activation_bytes_per_sample'] / 2**20:.0f} / {ip_plan['activation_bytes_per_sample'] / 2**20:.0f}"
         lines.append(f"| {net} | {dataset} | {side}² | {kept} | {std} / {std_plan['max_batch']} | {ipabn} / "
                      f"{ip_plan['max_batch']} | {ratio:.2f} ({'in' if ok else 'NOT in'} [{lo:.2f}, {hi:.2f})) | "
                      f"{fixed_side} / {ip_plan['max_crop']} |")
-    lines += ["", "The ratio interval is what the paper's per-GPU counts allow (4→7 crops: any true ratio in "
-              "[1.40, 2.00); 5→7: [1.17, 1.60))."]
+    lines += ["", "The ratio interval is what the paper's per-GPU counts allow: std-BN fitting b crops and "
+              "InPlace-ABN i puts the true ratio between i/(b+1) and (i+1)/b (4→7 crops: 1.40 to 2.00)."]
     if not all(verdicts):
         lines += ["", "Where our ratio falls outside the interval, the difference is in what is counted, not in "
                   "what InPlace-ABN keeps: the planner counts only the tensors autograd keeps for backward, of "

@@ -3,7 +3,8 @@
 A run is a folder holding ``config.yaml`` (written by ``abnexp train``) and ``eval.json``
 (written by ``abnexp eval``). Runs whose config has ``experiment.table`` fill the cells of
 that paper table (several runs of one cell — seeds — are averaged, and their count shown);
-the others are listed in a plain table. Output per table: ``<key>.md`` and ``<key>.csv``.
+the others are listed in a plain table, and the paper's numbers (abnexp.report.paper_tables) go
+beside ours. Output per table: ``<key>.md`` and ``<key>.csv``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from statistics import mean
 from omegaconf import OmegaConf
 
 from abnexp.errors import ConfigError
-from abnexp.report.paper_tables import TABLES, Column, PaperTable
+from abnexp.report.paper_tables import TABLES, PaperTable, paper_values
 
 MISSING = "—"
 
@@ -78,15 +79,6 @@ def _headline(result: dict) -> dict:
     return out
 
 
-def paper_values(experiments: list[dict]) -> dict[tuple[str, str, str], float]:
-    """{(table, row, column): the paper's number} from the experiments' metadata."""
-    out = {}
-    for exp in experiments:
-        for column, value in (exp.get("reported") or {}).items():
-            out[(exp["table"], exp["row"], exp.get("column") or column)] = float(value)
-    return out
-
-
 def _fmt(x: float | None) -> str:
     return MISSING if x is None else f"{x:.2f}"
 
@@ -112,11 +104,16 @@ def render(table: PaperTable, paper: dict, ours: dict) -> tuple[str, list[list[s
     return "\n".join(md) + "\n", [header] + rows
 
 
-def write_tables(paths: list[str], out_dir: Path, experiments: list[dict]) -> list[Path]:
+def write_tables(paths: list[str], out_dir: Path) -> list[Path]:
     """Writes ``<table>.md``/``.csv`` for every paper table with at least one run, and
-    ``runs.md`` for runs that reproduce no table row; returns the files written."""
+    ``runs.md`` for runs that reproduce no table row; returns the files written. The paper's
+    numbers come from :data:`abnexp.report.paper_tables.TABLES`.
+
+    Raises:
+        ConfigError: a path does not exist.
+    """
     cells, plain = collect(find_runs(paths))
-    paper = paper_values(experiments)
+    paper = paper_values()
     if cells or plain:
         out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -15,45 +15,25 @@ from __future__ import annotations
 import logging
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from abnexp.data import dataset_root
 from abnexp.data.coco import AspectRatioBatchSampler, CocoDetection, collate
-from abnexp.engine.checkpoint import load_checkpoint
+from abnexp.config import choice
 from abnexp.errors import ConfigError, DatasetError
 from abnexp.eval.coco import METRICS, evaluate
-from abnexp.models import build_model
-from abnexp.models.detection import BackboneWithFPN, backbone_stages, build_detector, remove_classifier
+from abnexp.models import build_model, model_options
+from abnexp.models.detection import HEADS, BackboneWithFPN, backbone_stages, build_detector
+from abnexp.models.pretrained import load_backbone
 from abnexp.norm import build_norm_act
+from abnexp.tasks.base import RunContext, Task
 
 log = logging.getLogger("abnexp")
 
 DETECTION_DATA = ("coco", "demo_coco")
 
 
-def load_pretrained(body: nn.Module, path: str, model_name: str) -> None:
-    """Loads the backbone weights of an ``abnexp train`` checkpoint (classifier dropped) into
-    ``body`` (whose classifier is removed here).
-
-    Raises:
-        ConfigError: missing / unreadable checkpoint, another model, or parameter / buffer names
-            that do not match (e.g. a checkpoint trained with a norm whose state differs).
-    """
-    state = load_checkpoint(path)
-    trained = OmegaConf.create(state["config"]).model.name
-    if trained != model_name:
-        raise ConfigError(f"model.pretrained={path} holds a {trained}, not a {model_name}: set model={trained}")
-    heads = tuple(f"{n}." for n in remove_classifier(body))
-    weights = {k: v for k, v in state["model"].items() if not k.startswith(heads)}
-    result = body.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f"model.pretrained={path} does not match this backbone's norm layers (missing "
-                          f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}): pretrain with "
-                          f"norm=bn / inplace_abn for head.norm_placement=heads, with the same norm for everywhere")
-
-
-class DetectionTask:
+class DetectionTask(Task):
     """Everything task-specific the trainer and ``abnexp eval`` need for ``task=detection``.
 
     Batches are (images, targets) tuples (``collate_fn``); training batches group images by
@@ -69,7 +49,7 @@ class DetectionTask:
             raise ConfigError(f"task=detection reads COCO-layout data: data={' or data='.join(DETECTION_DATA)}, "
                               f"not data={cfg.data.name}")
         self.cfg = cfg
-        self.masks = cfg.head.name == "mask_rcnn_fpn"
+        self.masks = HEADS[cfg.head.name].masks
         self.iou_types = ("bbox", "segm") if self.masks else ("bbox",)
         self.group_ids: list[int] = []
 
@@ -83,7 +63,7 @@ class DetectionTask:
             ConfigError: trainable_backbone_layers outside 0-5.
         """
         h, pretrained = self.cfg.head, bool(self.cfg.model.pretrained)
-        placement = getattr(h.norm_placement, "value", h.norm_placement)
+        placement = choice(h.norm_placement)
         trainable = h.trainable_backbone_layers
         if placement == "auto":
             placement = "heads" if pretrained else "everywhere"
@@ -107,14 +87,14 @@ class DetectionTask:
             norm_act = build_norm_act(**n)
             body_norm = norm_act if placement == "everywhere" else build_norm_act(
                 "frozen_bn", activation=n.activation, activation_param=n.activation_param, eps=n.eps)
-            body = build_model(m.name, body_norm, num_classes=1, output_stride=m.output_stride,
-                               input_3x3=m.input_3x3)
+            body = build_model(norm_act=body_norm, num_classes=1, **model_options(m))
             if m.pretrained:
-                load_pretrained(body, m.pretrained, m.name)
+                load_backbone(body, m.pretrained, strict=True, expected_model=m.name)
             frozen = [body.get_submodule(name) for stage in backbone_stages(body)[:5 - trainable] for name in stage]
             backbone = BackboneWithFPN(body, norm_act, h.fpn_channels, frozen)
             return build_detector(
-                h.name, backbone, norm_act, d.num_classes, h.box_head_convs, h.box_head_fc, h.mask_head_convs,
+                h.name, backbone, norm_act, d.num_classes, h.box_head_convs, h.box_head_fc,
+                mask_head_convs=h.get("mask_head_convs", 0),
                 min_size=d.min_size, max_size=d.max_size, image_mean=list(d.mean), image_std=list(d.std),
                 rpn_pre_nms_top_n_train=h.rpn_pre_nms_top_n_train, rpn_pre_nms_top_n_test=h.rpn_pre_nms_top_n_test,
                 rpn_post_nms_top_n_train=h.rpn_post_nms_top_n_train,
@@ -142,27 +122,28 @@ class DetectionTask:
         """Aspect-ratio grouped batches over the trainer's ResumableSampler (call after datasets())."""
         return AspectRatioBatchSampler(sampler, self.group_ids, batch_size)
 
-    def loss(self, model: nn.Module, batch, device: torch.device, channels_last: bool):
+    def loss(self, model: nn.Module, batch, ctx: RunContext):
         """Sum of the detector's losses (RPN objectness + box, RoI class + box [+ mask]); (loss, images)."""
         images, targets = batch
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+        images = [im.to(ctx.device, non_blocking=True) for im in images]
+        targets = [{k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
                    for t in targets]
         return sum(model(images, targets).values()), len(images)
 
-    def _evaluate(self, model, loader, device, autocast_dtype, verbose: bool) -> dict:
+    def _evaluate(self, model, loader, ctx: RunContext, verbose: bool) -> dict:
         dataset = loader.dataset
-        return evaluate(model, loader, dataset.coco, dataset.cat_ids, self.iou_types, device, autocast_dtype, verbose)
+        return evaluate(model, loader, dataset.coco, dataset.cat_ids, self.iou_types, ctx.device, ctx.amp_dtype,
+                        verbose)
 
-    def validate(self, model, val_loader, device, autocast_dtype, channels_last) -> dict:
+    def validate(self, model, val_loader, ctx: RunContext) -> dict:
         """COCO AP [%] during training: {"bbox_AP", "bbox_AP50", ..., "segm_APl", "num_images"}."""
-        results = self._evaluate(model, val_loader, device, autocast_dtype, verbose=False)
+        results = self._evaluate(model, val_loader, ctx, verbose=False)
         flat = {f"{t}_{k}": results[t][k] for t in self.iou_types for k in METRICS}
         return {**flat, "num_images": results["num_images"]}
 
-    def evaluate_protocols(self, model, device, autocast_dtype, channels_last, make_loader) -> dict:
+    def evaluate_protocols(self, model, ctx: RunContext, make_loader) -> dict:
         """COCOeval of the val split (tables printed): {"bbox": {AP, ...}, ["segm": {...}], "num_images"}."""
-        return self._evaluate(model, make_loader(self._split("val"), False), device, autocast_dtype, verbose=True)
+        return self._evaluate(model, make_loader(self._split("val"), False), ctx, verbose=True)
 
     def format_table(self, results: dict) -> str:
         """Markdown table of ``evaluate_protocols``' results."""

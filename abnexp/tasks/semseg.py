@@ -2,26 +2,44 @@
 with ignore label 255, mIoU under single-scale and multi-scale + flip protocols."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from abnexp.data import dataset_root
 from abnexp.data.segmentation import (IGNORE_INDEX, SEGMENTATION, EvalTransform, SegmentationDataset,
                                       segmentation_sets)
-from abnexp.engine.checkpoint import load_checkpoint
+from abnexp.config import TaskConfig
 from abnexp.errors import ConfigError
 from abnexp.eval.segmentation import evaluate, single_image_loader
-from abnexp.models import build_model
-from abnexp.models.deeplab import DeepLabV3, load_backbone
+from abnexp.models import build_model, model_options
+from abnexp.models.deeplab import DeepLabV3
+from abnexp.models.pretrained import load_backbone
 from abnexp.norm import build_norm_act
+from abnexp.tasks.base import RunContext, Task
 
 PREDICTION_FORMATS = ("palette", "ids")
 
 
-class SegmentationTask:
+@dataclass
+class SegmentationTaskConfig(TaskConfig):
+    """``task=semseg``'s keys: the DeepLabV3 head's width and the evaluation protocols (InPlace-ABN
+    §4.2: single scale; multi-scale + flip as the reference test script)."""
+
+    head_channels: int = 256  # channels of every DeepLabV3 branch
+    eval_scales: list[float] = field(default_factory=lambda: [0.7, 1.0, 1.2])  # multi-scale protocol
+    eval_flip: bool = True  # add horizontally flipped inputs to the multi-scale protocol
+    eval_window: int = 0  # sliding-window inference with this square window [pixels]; 0 = whole image
+    eval_overlap: float = 0.33  # fraction of the window shared by neighbouring windows
+    predictions_dir: Optional[str] = None  # abnexp eval: write one PNG per image and protocol here
+    predictions_format: str = "palette"  # palette (colour PNG) | ids (train ids as grey values)
+    log_images: int = 4  # validation images written to TensorBoard with prediction / ground-truth overlays
+
+
+class SegmentationTask(Task):
     """Everything task-specific the trainer and ``abnexp eval`` need for ``task=semseg``.
 
     Raises:
@@ -30,7 +48,7 @@ class SegmentationTask:
     """
 
     def __init__(self, cfg):
-        self.cfg = cfg
+        super().__init__(cfg)
         d, t = cfg.data, cfg.task
         if d.name not in SEGMENTATION:
             raise ConfigError(f"task=semseg needs a segmentation dataset, data={d.name} is not one; "
@@ -62,8 +80,7 @@ class SegmentationTask:
         m = self.cfg.model
         try:
             norm_act = build_norm_act(**self.cfg.norm)
-            backbone = build_model(m.name, norm_act, num_classes=1, output_stride=m.output_stride,
-                                   input_3x3=m.input_3x3)
+            backbone = build_model(norm_act=norm_act, num_classes=1, **model_options(m))
             model = DeepLabV3(backbone, self.cfg.data.num_classes, norm_act, self.cfg.task.head_channels)
             if m.pretrained:
                 if not Path(m.pretrained).expanduser().is_file():
@@ -71,7 +88,7 @@ class SegmentationTask:
                         f"model.pretrained={m.pretrained} does not exist: give an `abnexp train` checkpoint "
                         f"(<run dir>/checkpoints/last.pt); to resume or evaluate a run whose pretrained file has "
                         f"moved, add model.pretrained=null (the run's own checkpoint holds every weight)")
-                load_backbone(model, load_checkpoint(m.pretrained)["model"], f"model.pretrained={m.pretrained}")
+                load_backbone(model.backbone, m.pretrained, strict=False)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return model
@@ -84,31 +101,28 @@ class SegmentationTask:
         whole images with labels at their stored size."""
         return segmentation_sets(self.cfg.data, self._root())
 
-    def loss(self, model: nn.Module, batch, device: torch.device, channels_last: bool):
+    def loss(self, model: nn.Module, batch, ctx: RunContext):
         """Pixel-averaged cross-entropy over non-ignored pixels (0 if a batch has none); returns (loss, batch size)."""
         images, labels = batch
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        logits = model(images).float()
+        labels = labels.to(ctx.device, non_blocking=True)
+        logits = model(ctx.images(images)).float()
         total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         return total / (labels != IGNORE_INDEX).sum().clamp(min=1), len(labels)
 
-    def _evaluate(self, model, loader, device, autocast_dtype, channels_last, scales, flip, **kwargs) -> dict:
+    def _evaluate(self, model, loader, ctx: RunContext, scales, flip, **kwargs) -> dict:
         d, t = self.cfg.data, self.cfg.task
-        return evaluate(model, single_image_loader(loader), device, d.num_classes, self.spec.classes,
-                        autocast_dtype, channels_last, scales=scales, flip=flip, window=t.eval_window,
+        return evaluate(model, single_image_loader(loader), ctx.device, d.num_classes, self.spec.classes,
+                        ctx.amp_dtype, ctx.channels_last, scales=scales, flip=flip, window=t.eval_window,
                         overlap=t.eval_overlap, palette=self.spec.palette, mean=d.mean, std=d.std, **kwargs)
 
-    def validate(self, model, val_loader, device, autocast_dtype, channels_last) -> dict:
+    def validate(self, model, val_loader, ctx: RunContext) -> dict:
         """Single-scale validation during training: {"miou", "pixel_acc", "mean_acc" [%], "num_images",
         "images": TensorBoard overlays (image | ground truth | prediction)}."""
-        r = self._evaluate(model, val_loader, device, autocast_dtype, channels_last, (1.0,), False,
+        r = self._evaluate(model, val_loader, ctx, (1.0,), False,
                            log_images=self.cfg.task.log_images)
         return {k: r[k] for k in ("miou", "pixel_acc", "mean_acc", "num_images", "images")}
 
-    def evaluate_protocols(self, model, device, autocast_dtype, channels_last, make_loader) -> dict:
+    def evaluate_protocols(self, model, ctx: RunContext, make_loader) -> dict:
         """{"single_scale": ..., "multi_scale_flip" (or "multi_scale"): ...}, each {"miou", "pixel_acc",
         "mean_acc" [%], "iou": {class: % or None}, "num_images", "num_pixels", "scales", "flip", "window"}.
         With task.predictions_dir, PNGs go to <predictions_dir>/<protocol>/<image>.png."""
@@ -121,7 +135,7 @@ class SegmentationTask:
         results = {}
         for name, (scales, flip) in protocols.items():
             save = Path(t.predictions_dir) / name if t.predictions_dir else None
-            r = self._evaluate(model, loader, device, autocast_dtype, channels_last, scales, flip, save_dir=save,
+            r = self._evaluate(model, loader, ctx, scales, flip, save_dir=save,
                                save_palette=t.predictions_format == "palette")
             r.pop("images")
             results[name] = {**r, "scales": list(scales), "flip": flip, "window": t.eval_window}

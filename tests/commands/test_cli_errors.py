@@ -93,6 +93,7 @@ def test_eval_of_missing_checkpoint(tmp_path, capsys):
     assert "does not exist" in err
 
 
+@pytest.mark.slow  # trains a run first
 def test_eval_rejects_unknown_override(tmp_path, capsys, trained_run):
     code, _, err = run_cli(["eval", f"checkpoint={trained_run / 'checkpoints' / 'last.pt'}",
                             "data.rot=/x"], capsys)

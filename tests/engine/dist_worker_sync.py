@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from abnexp.engine.distributed import dist_env
-from abnexp.engine.trainer import make_eval_loader
+from abnexp.engine.runtime import make_eval_loader
 from abnexp.eval.classification import evaluate
 from abnexp.norm import NORM_LAYERS
 from abnexp.norm.sync import StatisticsMismatch, check_running_stats_synchronized

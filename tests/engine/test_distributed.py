@@ -19,6 +19,8 @@ import torch
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # torchrun: 2 gloo processes per launch
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TIMEOUT = 300  # seconds; a hung collective fails the test instead of blocking the suite
 TINY = ["model=resnet18", "norm=inplace_abn_sync", "data.crop_size=32", "data.large_crop_size=40",

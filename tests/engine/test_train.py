@@ -9,6 +9,8 @@ import torch
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # the CLI end to end: training runs on the demo data
+
 TINY = ["model=resnet18", "data.batch_size=16", "data.crop_size=32", "data.large_crop_size=40",
         "data.num_workers=0", "trainer.log_every=1", "trainer.epochs=2"]
 

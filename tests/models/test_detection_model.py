@@ -27,7 +27,7 @@ class MarkedConv(nn.Conv2d):
 class Recorder(ABN):
     """ABN that remembers the conv it was paired with."""
 
-    def __init__(self, num_features, conv=None, **kw):
+    def __init__(self, num_features, conv=None, group_size=0, **kw):  # norm=bn's keys (ABN has no groups)
         super().__init__(num_features, **kw)
         self.paired = conv
 

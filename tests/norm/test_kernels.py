@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, native
 from abnexp.norm import functional as Fn
-from abnexp.norm import kernels_cli as K
+from abnexp.commands import kernels as K
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -271,6 +271,7 @@ def test_cli_check_exits_nonzero_on_mismatch(monkeypatch, capsys, one_case):
     assert code == 1 and "FAIL cpu  statistics" in out and "mismatch:" in out
 
 
+@pytest.mark.slow  # compiles
 def test_without_compiler_one_warning_and_reference_path():
     script = (
         "import warnings, torch\n"
@@ -306,6 +307,7 @@ def test_sources_ship_with_the_package():
 @pytest.mark.skipif(native.nvcc() is None,
                     reason="no CUDA toolkit at $CUDA_HOME or /usr/local/cuda: the compile-only check of "
                            "kernels/abn_cuda.cu needs nvcc")
+@pytest.mark.slow  # compiles
 def test_cuda_sources_compile(tmp_path):
     """nvcc -c of the CUDA translation unit for sm_80 and sm_90 (no GPU needed)."""
     cmd = K.compile_cuda_object(tmp_path / "abn_cuda.o", archs=("8.0", "9.0"))

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from abnexp.norm import NORM_LAYERS, build_norm_act, convert, make_activation
-from abnexp.norm.abn import NormActBase
+from abnexp.norm.base import NormActBase
 from conftest import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,6 +245,7 @@ def test_norm_configs(name):
     text = path.read_text()
     assert text.startswith("#")
     cfg = yaml.safe_load(text)
+    assert cfg.pop("defaults") == [f"/schema/norm/{name}@_here_", "_self_"]  # typed by the option's schema
     assert set(cfg) == {"name", "activation", "activation_param", "eps", "momentum"}
     assert cfg["name"] == name and isinstance(cfg["eps"], float)
     layer = build_norm_act(**cfg)(8)

@@ -2,7 +2,7 @@
 
 Factory, model pairing and CLI runs: test_norm_small_batch_models.py.
 
-Every expected value is computed here from the formulas of shared/reference/small_batch_norms.md
+Every expected value is computed here from the papers' formulas (MABN Algorithm 1, CBN Eqs. 7-12, BRN Algorithm 1)
 (or torch's own BatchNorm / GroupNorm / autograd), never by the layer under test.
 """
 from __future__ import annotations

@@ -9,6 +9,8 @@ import torch
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # Mask R-CNN training steps through the CLI
+
 pytest.importorskip("pycocotools")
 
 # 64 px images (the demo's are 128), few proposals / RoIs (torchvision's defaults: 2000 / 512 / 100): a CPU step

@@ -175,21 +175,23 @@ def test_head_keeps_less_for_backward_with_inplace_abn():
     assert kept["inplace_abn"] < 0.7 * kept["bn"]
 
 
-def test_pretrained_backbone_loading():
+def test_pretrained_backbone_loading(tmp_path):
     from abnexp.models import build_model
-    from abnexp.models.deeplab import load_backbone
+    from abnexp.models.pretrained import load_backbone
     from abnexp.norm import build_norm_act
 
     torch.manual_seed(1)
     cls = build_model("resnet18", build_norm_act("bn"), num_classes=7)
+    torch.save({"model": cls.state_dict(), "config": "model:\n  name: resnet18\n"}, tmp_path / "cls.pt")
     seg = _deeplab("bn")
-    report = load_backbone(seg, cls.state_dict(), "ckpt")
+    report = load_backbone(seg.backbone, tmp_path / "cls.pt", strict=False)
     assert report["dropped_head"] == ["fc.bias", "fc.weight"] and not report["missing"]
     assert torch.equal(seg.backbone.layer1[0].conv1.weight, cls.layer1[0].conv1.weight)
     assert torch.equal(seg.backbone.bn1.running_var, cls.bn1.running_var)
     other = build_model("resnext50", build_norm_act("bn"), num_classes=7).state_dict()
+    torch.save({"model": other, "config": "model:\n  name: resnext50\n"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="none of its"):
-        load_backbone(_deeplab("bn"), other, "ckpt")
+        load_backbone(_deeplab("bn").backbone, tmp_path / "other.pt", strict=False)
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -303,21 +305,18 @@ def test_class_uniform_sampling_visits_rare_classes(tmp_path, monkeypatch):
 
 
 def test_loss_ignores_pixels_and_survives_an_all_ignored_batch():
-    from omegaconf import OmegaConf
-
-    from abnexp.config import Config
+    from abnexp.config import compose
+    from abnexp.tasks import RunContext
     from abnexp.tasks.semseg import SegmentationTask
 
-    cfg = OmegaConf.structured(Config)
-    cfg.task.name, cfg.data.name, cfg.data.num_classes = "semseg", "demo_cityscapes", 19
-    task = SegmentationTask(cfg)
+    task = SegmentationTask(compose(["task=semseg"]))
     logits = torch.randn(2, 19, 4, 4)
     model = lambda x: logits  # noqa: E731
     labels = torch.randint(0, 19, (2, 4, 4))
     labels[0, :2] = IGNORE_INDEX
-    loss, n = task.loss(model, (torch.zeros(2, 3, 4, 4), labels), torch.device("cpu"), False)
+    loss, n = task.loss(model, (torch.zeros(2, 3, 4, 4), labels), RunContext())
     assert n == 2 and loss.item() == pytest.approx(F.cross_entropy(logits, labels, ignore_index=255).item())
-    loss, _ = task.loss(model, (torch.zeros(2, 3, 4, 4), torch.full((2, 4, 4), 255)), torch.device("cpu"), False)
+    loss, _ = task.loss(model, (torch.zeros(2, 3, 4, 4), torch.full((2, 4, 4), 255)), RunContext())
     assert loss.item() == 0.0
 
 

@@ -85,6 +85,7 @@ def test_pretrained_classification_checkpoint_initializes_the_backbone(tmp_path,
     assert "classification head dropped (classifier.bias, classifier.weight)" in caplog.text
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_train_then_eval(tiny_cityscapes, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -119,6 +120,7 @@ def test_train_then_eval(tiny_cityscapes, tmp_path, capsys):
     assert png.mode == "P" and png.size == (128, 64) and max(np.unique(np.asarray(png))) < 19
 
 
+@pytest.mark.slow  # the CLI end to end
 def test_data_check(tiny_cityscapes, tmp_path, capsys):
     code, out, _ = run_cli(["data", "check", "data=cityscapes", f"data.root={tiny_cityscapes}"], capsys)
     assert code == 0 and "no problems found" in out and "train: 8 image/label pairs" in out

@@ -270,8 +270,12 @@ def build_main(args) -> int:
     return 0
 
 
-def main(argv: list[str]) -> None:
-    """Entry point of ``abnexp kernels``; exits with the status of the subcommand."""
+def kernels_command(argv: list[str]) -> None:
+    """Entry point of ``abnexp kernels``; exits with the status of the subcommand.
+
+    Raises:
+        KernelBuildError: the build failed, or ``--device cuda`` without a GPU.
+    """
     p = argparse.ArgumentParser(prog="abnexp kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build (or reuse) the native module and report it")
@@ -281,9 +285,4 @@ def main(argv: list[str]) -> None:
     c = sub.add_parser("check", help="compare every native operator with the reference path")
     c.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     args = p.parse_args(argv)
-    try:
-        code = build_main(args) if args.command == "build" else check_main(args)
-    except native.KernelBuildError as err:
-        print(f"abnexp: error: {err}", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+    sys.exit(build_main(args) if args.command == "build" else check_main(args))

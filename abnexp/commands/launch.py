@@ -11,7 +11,7 @@ resolved config and the run dir:
   job; ``--cfg job`` or a composition error end every rank.
 * ``abnexp train launcher.nproc_per_node=N``: this process composes the config, creates the run
   dir, writes the resolved ``config.yaml`` there and starts
-  ``torchrun --standalone --nproc_per_node=N -m abnexp.engine.launch RUN_DIR``; each worker reads
+  ``torchrun --standalone --nproc_per_node=N -m abnexp.commands.launch RUN_DIR``; each worker reads
   that file (:func:`launch`, :func:`worker_main`). One node; for several, use torchrun directly.
 
 Only rank 0 writes logs, TensorBoard and checkpoints (abnexp.engine.trainer); ranks > 0 log
@@ -29,8 +29,9 @@ from typing import Callable
 
 from omegaconf import OmegaConf
 
+from abnexp.config import compose
 from abnexp.engine.distributed import broadcast_object, init_distributed
-from abnexp.errors import AbnexpError
+from abnexp.errors import AbnexpError, ConfigError, exit_with
 
 log = logging.getLogger("abnexp")
 
@@ -43,9 +44,18 @@ class LaunchError(AbnexpError):
 
 def resolved_config(yaml_text: str):
     """A resolved config YAML (as written to ``<run dir>/config.yaml``) typed by the schema."""
-    from abnexp.config import Config
+    return compose(run=yaml_text)
 
-    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(yaml_text))
+
+def run_training(cfg, run_dir) -> dict:
+    """Trains ``cfg`` in ``run_dir`` in this process (every rank runs it); returns the last
+    validation metrics. An AbnexpError exits with its one line (SystemExit passes through Hydra)."""
+    from abnexp.engine.trainer import train
+
+    try:
+        return train(cfg, run_dir)
+    except AbnexpError as e:
+        exit_with(e)
 
 
 def configure_logging(rank: int, run_dir: str | Path | None = None) -> None:
@@ -101,7 +111,7 @@ def share_job(cfg, run_dir: str | Path, run_job: Callable):
 def torchrun_command(nproc_per_node: int, run_dir: Path) -> list[str]:
     """The command :func:`launch` runs: single-node torchrun with a free rendezvous port."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc_per_node}", "-m", "abnexp.engine.launch", str(run_dir)]
+            f"--nproc_per_node={nproc_per_node}", "-m", "abnexp.commands.launch", str(run_dir)]
 
 
 def last_val_metrics(run_dir: Path) -> dict:
@@ -120,8 +130,6 @@ def launch(cfg, run_dir: str | Path) -> dict:
         ConfigError: ``launcher.nproc_per_node`` < 1.
         LaunchError: a worker failed (its message is printed above by the worker).
     """
-    from abnexp.errors import ConfigError
-
     n = cfg.launcher.nproc_per_node
     if n < 1:
         raise ConfigError(f"launcher.nproc_per_node={n}; use 1 (one process) or more")
@@ -139,8 +147,6 @@ def launch(cfg, run_dir: str | Path) -> dict:
 
 def worker_main(run_dir: str) -> None:
     """A worker started by :func:`launch`: trains ``<run_dir>/config.yaml`` in ``run_dir``."""
-    from abnexp.cli import run_training
-
     env = init_distributed()
     configure_logging(env.rank, run_dir)
     run_training(resolved_config((Path(run_dir) / "config.yaml").read_text()), run_dir)

@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
 from abnexp.norm import native
-from abnexp.norm.abn import NormActBase
+from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import check_output_form
 
 VARIANTS = ("baseline", "proposed")

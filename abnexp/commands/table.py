@@ -1,0 +1,31 @@
+"""``abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables]``: the papers' tables from runs
+(paper | ours | Δ); ``abnexp table memory [overrides]``: InPlace-ABN Table 3 by the memory planner."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from abnexp.errors import ConfigError
+from abnexp.report.memory_report import memory_table
+from abnexp.report.tables import write_tables
+
+USAGE = "usage: abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables] | abnexp table memory [overrides]"
+
+
+def table_command(argv: list[str]) -> None:
+    """Writes the tables and prints their paths.
+
+    Raises:
+        ConfigError: no run dir given, or no run with an eval.json under them.
+    """
+    if argv[:1] == ["memory"]:
+        print(f"wrote {memory_table(Path('results/memory.md'), argv[1:])}")
+        return
+    out = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), "results/tables"))
+    paths = [a for a in argv if not a.startswith("out=")]
+    if not paths:
+        raise ConfigError(USAGE)
+    written = write_tables(paths, out)
+    if not written:
+        raise ConfigError(f"no runs with eval.json under {' '.join(paths)}: run `abnexp eval checkpoint=...` first")
+    for path in written:
+        print(f"wrote {path}")

@@ -1,0 +1,124 @@
+"""The state every BN + activation layer shares (:class:`NormActBase`): constructor, parameters,
+buffers, ``reset_parameters`` and ``extra_repr`` as torch.nn.BatchNorm and the reference
+InPlace-ABN library's ``ABN`` (Rota Bulò et al., CVPR 2018) define them."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from abnexp.norm.activations import get_activation
+
+
+class NormActBase(nn.Module):
+    """Shared state of the BN + activation layers; constructor compatible with the reference
+    library (mapillary/inplace_abn ``ABN``) and buffers/semantics of ``torch.nn.BatchNorm``.
+
+    Args:
+        num_features: C, the channel count of inputs shaped (N, C), (N, C, L), (N, C, H, W)
+            or (N, C, D, H, W).
+        eps: added to the variance (dimensionless, same units as var(x)).
+        momentum: running-statistics update factor; ``None`` = cumulative average
+            (factor ``1/num_batches_tracked``), as in torch.
+        affine: learnable per-channel ``weight`` (gamma, init 1) and ``bias`` (beta, init 0).
+        track_running_stats: keep ``running_mean`` (init 0), ``running_var`` (init 1,
+            *unbiased* batch variances are averaged) and ``num_batches_tracked`` (int64);
+            if False, batch statistics are used in eval mode too and the buffers are None.
+        activation: "leaky_relu", "elu", "relu" or "identity".
+        activation_param: LeakyReLU negative slope / ELU alpha (ignored otherwise).
+        device, dtype: factory kwargs for parameters and float buffers.
+
+    Raises:
+        ValueError: unknown activation (the message lists the valid ones).
+
+    Class attribute ``inplace``: True for layers that overwrite their input (models clone
+    a residual shortcut before such a layer).
+    """
+
+    inplace = False
+    _version = 2
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 activation: str = "leaky_relu", activation_param: float = 0.01,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__()
+        get_activation(activation)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.activation = activation
+        self.activation_param = float(activation_param)
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics and set weight <- 1, bias <- 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"activation={self.activation}, activation_param={self.activation_param}")
+
+    def _check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` for inputs that are not (N, C, *) with 0-3 spatial dims."""
+        if not 2 <= x.dim() <= 5:
+            raise ValueError(f"expected 2D to 5D input (N, C, *), got {x.dim()}D input")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels (dim 1), got input "
+                             f"of size {tuple(x.shape)}")
+
+    def _stats_mode(self) -> tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
+        """(use batch statistics, update factor, running_mean, running_var) for this call.
+
+        Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward`` (including incrementing
+        ``num_batches_tracked`` in training). The running tensors are returned when they
+        are to be *used* (eval) or *updated* (training), else None.
+        """
+        factor = 0.0 if self.momentum is None else float(self.momentum)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        return (batch_stats, factor, self.running_mean if use_running else None,
+                self.running_var if use_running else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
