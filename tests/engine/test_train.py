@@ -74,8 +74,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(full_run, tmp_path, capsys, m
     ckpt = run / "checkpoints" / "last.pt"
     before = ckpt.read_bytes()
 
-    def nan_loss(self, model, batch, device, channels_last):
-        loss, n = original(self, model, batch, device, channels_last)
+    def nan_loss(self, model, batch, ctx):
+        loss, n = original(self, model, batch, ctx)
         return loss * float("nan"), n
 
     original = ClassificationTask.loss
