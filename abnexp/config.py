@@ -87,6 +87,7 @@ class ModelConfig:
     name: str = "resnet18"
     output_stride: int = 32  # 32 = no dilation (classification); 16 or 8 dilate the last stages
     pretrained: Optional[str] = None  # path to an abnexp checkpoint whose backbone weights are loaded
+    zero_init_residual: bool = False  # γ = 0 in the last norm of every residual branch (torchvision's)
 
 
 @dataclass

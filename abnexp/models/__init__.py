@@ -18,6 +18,7 @@ from torch import nn
 
 from abnexp.config import ModelConfig
 
+from abnexp.models.blocks import zero_init_residual
 from abnexp.models.heads import ClassificationHead
 from abnexp.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from abnexp.models.resnext import ResNeXt, resnext50, resnext101, resnext152
@@ -70,7 +71,8 @@ def build_model(name: str, norm_act: "NormAct", num_classes: int, **options) -> 
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names), an option the model does
-            not have, or an invalid ``output_stride`` (valid: 8, 16, 32).
+            not have, an invalid ``output_stride`` (valid: 8, 16, 32), or ``zero_init_residual``
+            with a norm whose γ cannot be 0 (:func:`~abnexp.models.blocks.zero_init_residual`).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(MODELS)}")
@@ -78,7 +80,11 @@ def build_model(name: str, norm_act: "NormAct", num_classes: int, **options) -> 
     unknown = sorted(set(options) - set(spec.builder_keys()))
     if unknown:
         raise ValueError(f"model={name} has no option {', '.join(unknown)}; its options: {', '.join(spec.builder_keys())}")
-    return spec.builder(norm_act, num_classes=num_classes, **options)
+    zero_residual = options.pop("zero_init_residual", False)
+    model = spec.builder(norm_act, num_classes=num_classes, **options)
+    if zero_residual:
+        zero_init_residual(model)
+    return model
 
 
 def model_options(model_cfg) -> dict:

@@ -54,7 +54,39 @@ def is_inplace(module: nn.Module) -> bool:
     return bool(getattr(module, "inplace", False))
 
 
-class IdentityResidualBlock(nn.Module):
+class ResidualBlock(nn.Module):
+    """A residual block; :meth:`last_norm` is the last normalization of its residual branch, whose
+    γ :func:`zero_init_residual` sets to 0 so that the block starts as its shortcut."""
+
+    def last_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+
+def zero_init_residual(model: nn.Module) -> None:
+    """Sets γ of every residual branch's last norm to 0 (torchvision's ``zero_init_residual``;
+    Goyal et al., "Accurate, Large Minibatch SGD", 2017, §5.1): each block starts as its
+    shortcut. With β = 0 and an activation with φ(0) = 0 this also zeroes a pre-activation
+    branch, whose last norm feeds one more convolution.
+
+    Raises:
+        ValueError: a norm without a learnable γ (frozen BN) or one that scales by |γ| + ε
+            (the in-place strategies, InPlace-ABN §3.2: γ = 0 does not zero the branch).
+    """
+    norms = [m.last_norm() for m in model.modules() if isinstance(m, ResidualBlock)]
+    for norm in norms:
+        if is_inplace(norm):
+            raise ValueError(f"model.zero_init_residual=true with {type(norm).__name__}: the in-place strategies "
+                             f"scale by |γ| + ε, so γ = 0 does not zero a residual branch; use norm=bn (or "
+                             f"another norm with a plain γ) or model.zero_init_residual=false")
+        if not isinstance(getattr(norm, "weight", None), nn.Parameter):
+            raise ValueError(f"model.zero_init_residual=true with {type(norm).__name__}: it has no learnable γ "
+                             f"(e.g. frozen BN); use model.zero_init_residual=false")
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.zero_()
+
+
+class IdentityResidualBlock(ResidualBlock):
     """Pre-activation residual block: ``out = branch(bn1(x)) + shortcut``.
 
     Layout (names as in the reference library):
@@ -124,6 +156,9 @@ class IdentityResidualBlock(nn.Module):
         self.proj_conv = None
         if stride != 1 or in_channels != channels[-1]:
             self.proj_conv = conv(in_channels, channels[-1], 1, stride=stride, bias=False)
+
+    def last_norm(self) -> nn.Module:
+        return self.convs.bn3 if hasattr(self.convs, "bn3") else self.convs.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H', W'); see the class docstring."""

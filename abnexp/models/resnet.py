@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from abnexp.models.blocks import check_output_stride, init_conv_weights, reject_input_3x3
+from abnexp.models.blocks import ResidualBlock, check_output_stride, init_conv_weights, reject_input_3x3
 from abnexp.models.heads import ClassificationHead
 from abnexp.models.stages import FeatureStage, stage_strides
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _DILATE = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions: (N, in, H, W) -> (N, planes, H/stride, W/stride).
 
     Unlike torchvision, dilation > 1 is supported (both 3x3 convolutions are dilated), so
@@ -50,13 +50,16 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.act = norm_act.activation_module()
 
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.bn2(self.conv2(self.bn1(self.conv1(x))))
         return self.act(out + shortcut)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
     """1x1 -> 3x3 (stride, dilation) -> 1x1: (N, in, H, W) -> (N, 4*planes, H/s, W/s)."""
 
     expansion = 4
@@ -74,6 +77,9 @@ class Bottleneck(nn.Module):
         self.bn3 = norm_act(planes * self.expansion, activation="identity", conv=self.conv3)
         self.downsample = downsample
         self.act = norm_act.activation_module()
+
+    def last_norm(self) -> nn.Module:
+        return self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)

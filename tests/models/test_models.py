@@ -342,4 +342,4 @@ def test_registry_and_configs():
         assert text.startswith("#")
         extra = {"input_3x3": False} if name.startswith("resnext") else {}  # ResNeXt's own key
         assert yaml.safe_load(text) == {"defaults": [f"/schema/model/{name}@_here_", "_self_"], "name": name,
-                                        "output_stride": 32, "pretrained": None, **extra}
+                                        "output_stride": 32, "pretrained": None, "zero_init_residual": False, **extra}
