@@ -30,7 +30,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from abnexp.config import compose
-from abnexp.engine.distributed import broadcast_object, init_distributed
+from abnexp.engine.distributed import broadcast_object, destroy_distributed, init_distributed
 from abnexp.errors import AbnexpError, ConfigError, exit_with
 
 log = logging.getLogger("abnexp")
@@ -79,6 +79,7 @@ def run_ranks(hydra_main: Callable[[], None], run_job: Callable) -> None:
         while True:
             message = broadcast_object()
             if message[0] == "end":
+                destroy_distributed()
                 if message[1]:
                     sys.exit(message[1])
                 return
@@ -95,6 +96,7 @@ def run_ranks(hydra_main: Callable[[], None], run_job: Callable) -> None:
     finally:  # a job that failed midway leaves the others in a collective: torchrun stops them
         if not _job_running:
             broadcast_object(("end", code if isinstance(code, int) else (0 if code is None else 1)))
+            destroy_distributed()
 
 
 def share_job(cfg, run_dir: str | Path, run_job: Callable):
@@ -149,7 +151,10 @@ def worker_main(run_dir: str) -> None:
     """A worker started by :func:`launch`: trains ``<run_dir>/config.yaml`` in ``run_dir``."""
     env = init_distributed()
     configure_logging(env.rank, run_dir)
-    run_training(resolved_config((Path(run_dir) / "config.yaml").read_text()), run_dir)
+    try:
+        run_training(resolved_config((Path(run_dir) / "config.yaml").read_text()), run_dir)
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def init_distributed() -> DistEnv:
     return env
 
 
+def destroy_distributed() -> None:
+    """Destroys the default process group, if there is one, before the process exits: a gloo /
+    nccl group left to the interpreter's shutdown can abort the process ("terminate called without
+    an active exception", exit code -6), which torchrun reports as a failed job."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def broadcast_object(obj=None, src: int = 0):
     """``obj`` as given on rank ``src``, returned on every rank (pickled, sent over the CPU
     backend); returns ``obj`` unchanged without a process group."""

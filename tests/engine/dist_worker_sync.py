@@ -112,6 +112,7 @@ def sharded_evaluation(results: dict) -> None:
     images, targets = torch.randn(7, 3, 4, 4, generator=g), torch.randint(0, 6, (7,), generator=g)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 6))
     torch.nn.init.normal_(model[1].weight, generator=g)
+    torch.nn.init.normal_(model[1].bias, generator=g)  # not each rank's own global RNG: one model on every rank
     dataset = TensorDataset(images, targets)
     cfg = OmegaConf.create({"data": {"batch_size": 2, "num_workers": 0}})
     results["eval"] = evaluate(model, make_eval_loader(dataset, cfg, env=dist_env()), torch.device("cpu"))
