@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from abnexp.norm import native
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate
 from abnexp.norm.base import NormActBase
 from abnexp.norm.checkpointed_bn import STANDARD, checkpointed_abn
 
@@ -20,7 +20,9 @@ class ABN(NormActBase):
     Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); float64/32/16 or bfloat16
     (half inputs with float32 parameters and statistics, e.g. under ``torch.autocast``);
     contiguous or channels_last. Output: same shape, dtype and memory layout; the input is
-    not modified. Accepts activation leaky_relu (any slope), elu, relu, identity.
+    not modified. Accepts activation leaky_relu (any slope), elu (any alpha), relu, identity;
+    the activation runs in place on the BN output, except a negative slope / alpha, which runs
+    out of place (autograd then keeps y instead of z for phi's backward).
 
     With the native kernels (:mod:`abnexp.norm.native`) the same strategy runs as fused
     operators: statistics, one normalize + affine + activation pass, and a backward that reads
@@ -43,4 +45,4 @@ class ABN(NormActBase):
                                     self.activation_param, STANDARD)
         y = F.batch_norm(x, running_mean, running_var, self.weight, self.bias, batch_stats,
                          factor, self.eps)
-        return get_activation(self.activation).forward_(y, self.activation_param)
+        return activate(self.activation, y, self.activation_param)

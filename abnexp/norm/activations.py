@@ -142,6 +142,22 @@ def make_activation(name: str, param: float) -> nn.Module:
     return get_activation(name).module(param)
 
 
+def activate(name: str, y: Tensor, param: float) -> Tensor:
+    """``phi(y)`` for a layer that keeps its pre-activation ``y`` nowhere else: in place on ``y``
+    (:attr:`Activation.forward_`, autograd keeps only the output), except a negative leaky_relu
+    slope / elu alpha, which runs out of place (torch's in-place backward of those raises, and
+    the output no longer tells the side; autograd keeps ``y`` instead). Any shape and floating
+    dtype; returns ``y`` itself or a new tensor of its shape and dtype.
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    act = get_activation(name)
+    if name in ("leaky_relu", "elu") and float(param) < 0:
+        return act.module(param)(y)
+    return act.forward_(y, param)
+
+
 def is_invertible(name: str, param: float) -> bool:
     """Whether activation ``name`` with parameter ``param`` is invertible (usable in place).
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from abnexp.norm.base import NormActBase
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate
 from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims, update_running_stats,
                                     values_per_channel)
 from abnexp.norm.grouping import affine_normalize, for_each_group
@@ -102,7 +102,7 @@ class BatchRenorm2d(NormActBase):
         else:
             self.num_steps.add_(1)
             y = for_each_group(self._train_iteration, self.group_size, x)
-        return get_activation(self.activation).forward_(y, self.activation_param)
+        return activate(self.activation, y, self.activation_param)
 
     def _train_iteration(self, x: Tensor) -> Tensor:
         check_batch_size(x)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abnexp.norm.base import NormActBase
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate
 from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims, update_running_stats,
                                     values_per_channel)
 from abnexp.norm.grouping import affine_normalize, refuse_recompute, split_groups
@@ -175,7 +175,7 @@ class CBN2d(NormActBase):
                                    f"that conv's output directly (conv -> norm), in the same call order")
             self.num_steps.add_(1)
             y = self._train_call(x, *(captured[:2] if self.past_len else (None, None)))
-        return get_activation(self.activation).forward_(y, self.activation_param)
+        return activate(self.activation, y, self.activation_param)
 
     def _train_call(self, x: Tensor, conv: Optional[nn.Conv2d], conv_input: Optional[Tensor]) -> Tensor:
         """One training call: each group of ``group_size`` samples is one iteration.

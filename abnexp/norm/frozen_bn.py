@@ -14,7 +14,7 @@ from typing import Any, Optional
 from torch import Tensor
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate, get_activation
 
 
 class FrozenBatchNorm2d(_TorchvisionFrozenBN):
@@ -42,7 +42,7 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
         self.activation_param = float(activation_param)
 
     def forward(self, x: Tensor) -> Tensor:
-        return get_activation(self.activation).forward_(super().forward(x), self.activation_param)
+        return activate(self.activation, super().forward(x), self.activation_param)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, activation={self.activation}, activation_param={self.activation_param})"

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate, get_activation
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -40,7 +40,7 @@ class GroupNormAct(nn.GroupNorm):
         self.activation_param = float(activation_param)
 
     def forward(self, x: Tensor) -> Tensor:
-        return get_activation(self.activation).forward_(super().forward(x), self.activation_param)
+        return activate(self.activation, super().forward(x), self.activation_param)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}, activation_param={self.activation_param}"

@@ -9,7 +9,8 @@ with its own statistics. With ``group_size = 0`` (default) the whole batch is on
 Convention (the same for every layer that supports it: bn, brn, mabn, cbn): the groups are
 processed in batch order, each as one *normalization batch* -- running statistics
 (``num_batches_tracked``), MABN's statistic buffers and CBN's window advance once per group,
-as in a run whose batch is ``group_size``. Schedules count training *iterations*, i.e.
+as in a run whose batch is ``group_size`` (MABN's backward visits the groups in batch order
+too, so its gradient statistics see the same window as consecutive calls would). Schedules count training *iterations*, i.e.
 training-mode calls of the layer (``num_steps``, one per optimizer step in the usual loop), as
 the papers' iteration counts do: MABN's ``warmup_iters`` and r warm-up, BRN's r_max/d_max
 schedule, CBN's ``burnin_iters``. All groups of a call see the same weights (so CBN needs no

@@ -21,6 +21,12 @@ first is 1; ``num_steps``), normalization batch n (``num_batches_tracked``; n = 
   ``dL/dbeta = sum(dL/dy)``.
 * inference: ``y = gamma * x / sqrt(running_var + eps) + beta`` (linear in x, foldable into the
   preceding conv; ``running_mean`` is kept at 0 so this is exactly ``F.batch_norm``).
+* normalization batch (``group_size`` g, paper Sec. 5.1 and Appendix B.2): a training call of
+  batch N is exactly its groups (:func:`~abnexp.norm.grouping.split_groups`) run as consecutive
+  calls, each followed by its own backward, that share one t (t counts optimizer steps, n counts groups): groups are visited in batch order in
+  forward *and* in backward, so both moving averages of group i cover the m normalization
+  batches ending at i -- for m = N/g, the previous call's groups i+1.. and this call's 0..i, as
+  in the authors' ImageNet code. dL/dgamma and dL/dbeta are summed over the groups.
 
 ``momentum`` follows torch's convention (factor of the *new* value): the reference's 0.98 on
 the old value is ``momentum=0.02`` here.
@@ -50,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abnexp.norm.abn import NormActBase
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate
 from abnexp.norm.functional import channel, compute_dtype, reduce_dims
-from abnexp.norm.grouping import for_each_group, refuse_recompute
+from abnexp.norm.grouping import refuse_recompute, split_groups
 
 R_MAX = 5.0  # r is clamped to [1/R_MAX, R_MAX] (reference code)
 
@@ -70,36 +76,52 @@ class CenConv2d(nn.Conv2d):
 
 
 class _MABNFunction(torch.autograd.Function):
-    """y = gamma * r * x * invstd + beta with MABN's moving-average backward (module docstring)."""
+    """y = gamma * r * x * invstd + beta with MABN's moving-average backward (module docstring),
+    for all the normalization batches (groups) of one training call at once.
+
+    ``invstd``, ``r``: (G, C), one row per group of ``split_groups(x, group_size)``; ``slots``,
+    ``use_sma``: one entry per group. Backward visits the groups in batch order, each writing its
+    Psi_B before averaging ``buffer_gz``, as G consecutive calls would."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, invstd, r, buffer_gz, slot, use_sma):
+    def forward(ctx, x, weight, bias, invstd, r, buffer_gz, slots, use_sma, group_size):
         cdt = compute_dtype(x.dtype)
-        scale = (weight.to(cdt) * r * invstd) if weight is not None else r * invstd
-        y = x.to(cdt) * channel(scale, x)
-        if bias is not None:
-            y = y + channel(bias.to(cdt), x)
+        ys = []
+        for i, xg in enumerate(split_groups(x, group_size)):
+            scale = (weight.to(cdt) * r[i] * invstd[i]) if weight is not None else r[i] * invstd[i]
+            y = xg.to(cdt) * channel(scale, xg)
+            if bias is not None:
+                y = y + channel(bias.to(cdt), xg)
+            ys.append(y)
         ctx.save_for_backward(x, weight, invstd, r)
-        ctx.buffer_gz, ctx.slot, ctx.use_sma = buffer_gz, slot, use_sma
-        return y.to(x.dtype)
+        ctx.buffer_gz, ctx.slots, ctx.use_sma, ctx.group_size = buffer_gz, slots, use_sma, group_size
+        return (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, invstd, r = ctx.saved_tensors
         cdt = compute_dtype(x.dtype)
         dims = reduce_dims(x)
-        dyc = dy.to(cdt)
-        z = x.to(cdt) * channel(invstd, x)
-        gamma = weight.to(cdt) if weight is not None else torch.ones_like(r)
-        g = dyc * channel(gamma * r, x)
-        gz = (g * z).mean(dims)
-        ctx.buffer_gz[ctx.slot] = gz.to(ctx.buffer_gz.dtype)
-        psi = ctx.buffer_gz.to(cdt).mean(0) if ctx.use_sma else gz
-        dx = (g - z * channel(psi, x)) * channel(invstd, x)
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dweight = ((dyc * z).sum(dims) * r).to(weight.dtype) if need_w else None
-        dbias = dyc.sum(dims).to(weight.dtype) if need_b else None  # affine: both or neither
-        return dx.to(x.dtype), dweight, dbias, None, None, None, None, None
+        dxs, dweight, dbias = [], None, None
+        groups = zip(split_groups(x, ctx.group_size), split_groups(dy, ctx.group_size))
+        for i, (xg, dyg) in enumerate(groups):
+            dyc = dyg.to(cdt)
+            z = xg.to(cdt) * channel(invstd[i], xg)
+            gamma = weight.to(cdt) if weight is not None else torch.ones_like(r[i])
+            g = dyc * channel(gamma * r[i], xg)
+            gz = (g * z).mean(dims)
+            ctx.buffer_gz[ctx.slots[i]] = gz.to(ctx.buffer_gz.dtype)
+            psi = ctx.buffer_gz.to(cdt).mean(0) if ctx.use_sma[i] else gz
+            dxs.append(((g - z * channel(psi, xg)) * channel(invstd[i], xg)).to(x.dtype))
+            if need_w:  # summed over the groups, as over consecutive calls
+                dw = ((dyc * z).sum(dims) * r[i]).to(weight.dtype)
+                dweight = dw if dweight is None else dweight + dw
+            if need_b:
+                db = dyc.sum(dims).to(weight.dtype)  # affine: weight and bias both or neither
+                dbias = db if dbias is None else dbias + db
+        dx = dxs[0] if len(dxs) == 1 else torch.cat(dxs)
+        return dx, dweight, dbias, None, None, None, None, None, None
 
 
 class MABN2d(NormActBase):
@@ -119,8 +141,9 @@ class MABN2d(NormActBase):
 
     Input (N, C, *) with 0-3 spatial dims, float64/32/16/bfloat16 (statistics in float32 or
     float64); output the same shape and dtype. ``running_mean`` stays 0 (MABN subtracts no
-    mean); ``num_steps`` counts training calls (t), ``num_batches_tracked`` normalization
-    batches (n).
+    mean); ``num_steps`` counts training calls (t, the iterations of ``warmup_iters`` and
+    ``r_warmup_iters``, also with ``group_size``), ``num_batches_tracked`` normalization
+    batches (n, the slots of the buffers). Yan et al., ICLR 2020, Sec. 4 and Algorithm 1.
 
     Raises:
         ValueError: bad sizes / options; wrong input rank or channels.
@@ -167,25 +190,32 @@ class MABN2d(NormActBase):
         else:
             refuse_recompute("MABN2d")
             self.num_steps.add_(1)
-            y = for_each_group(self._train_iteration, self.group_size, x)
-        return get_activation(self.activation).forward_(y, self.activation_param)
+            y = self._train_iteration(x)
+        return activate(self.activation, y, self.activation_param)
 
     def _train_iteration(self, x: Tensor) -> Tensor:
-        """One training iteration on (n, C, *): statistics, buffers, then the custom Function."""
-        _, factor, _, running_var = self._stats_mode()
-        t, n = int(self.num_steps), int(self.num_batches_tracked)
+        """One training iteration on (N, C, *): per normalization batch (group, in batch order)
+        statistics and buffers, then one custom Function for the whole batch."""
         cdt = compute_dtype(x.dtype)
+        invstds, rs, slots, use_sma = [], [], [], []
         with torch.no_grad():
-            x2 = x.detach().to(cdt).square().mean(reduce_dims(x))
-            slot = n % self.buffer_size
-            self.buffer_x2[slot] = x2.to(self.buffer_x2.dtype)
-            use_sma = not (n <= self.buffer_size or t < self.warmup_iters)
-            var = self.buffer_x2.to(cdt).mean(0) if use_sma else x2
-            std = (var + self.eps).sqrt()
-            if t <= max(self.r_warmup_iters, self.warmup_iters):
-                r = torch.ones_like(var)
-            else:
-                r = (std / (running_var.to(cdt) + self.eps).sqrt()).clamp_(1.0 / R_MAX, R_MAX)
-            running_var.mul_(1.0 - factor).add_(var.to(running_var.dtype), alpha=factor)
-        return _MABNFunction.apply(x, self.weight, self.bias, std.reciprocal(), r, self.buffer_gz,
-                                   slot, use_sma)
+            for xg in split_groups(x.detach(), self.group_size):
+                _, factor, _, running_var = self._stats_mode()  # n += 1
+                t, n = int(self.num_steps), int(self.num_batches_tracked)
+                x2 = xg.to(cdt).square().mean(reduce_dims(xg))
+                slot = n % self.buffer_size
+                self.buffer_x2[slot] = x2.to(self.buffer_x2.dtype)
+                sma = not (n <= self.buffer_size or t < self.warmup_iters)
+                var = self.buffer_x2.to(cdt).mean(0) if sma else x2
+                std = (var + self.eps).sqrt()
+                if t <= max(self.r_warmup_iters, self.warmup_iters):
+                    r = torch.ones_like(var)
+                else:
+                    r = (std / (running_var.to(cdt) + self.eps).sqrt()).clamp_(1.0 / R_MAX, R_MAX)
+                running_var.mul_(1.0 - factor).add_(var.to(running_var.dtype), alpha=factor)
+                invstds.append(std.reciprocal())
+                rs.append(r)
+                slots.append(slot)
+                use_sma.append(sma)
+        return _MABNFunction.apply(x, self.weight, self.bias, torch.stack(invstds), torch.stack(rs),
+                                   self.buffer_gz, slots, use_sma, self.group_size)

@@ -37,7 +37,7 @@ from torch.autograd.function import once_differentiable
 from abnexp.errors import AbnexpError
 from abnexp.norm import functional as Fn
 from abnexp.norm.abn import ABN
-from abnexp.norm.activations import get_activation
+from abnexp.norm.activations import activate
 from abnexp.norm.checkpointed_bn import no_autocast
 from abnexp.norm.inplace_abn import InPlaceABN
 
@@ -198,7 +198,7 @@ class SyncABN(_SyncMixin, ABN):
         _, factor, running_mean, running_var = self._stats_mode()
         y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var,
                                          factor, self.eps, group)
-        return get_activation(self.activation).forward_(y, self.activation_param)
+        return activate(self.activation, y, self.activation_param)
 
 
 class InPlaceABNSync(_SyncMixin, InPlaceABN):
