@@ -162,7 +162,7 @@ class ExperimentConfig:
 
 @dataclass
 class LauncherConfig:
-    """Processes of one job (abnexp/engine/launch.py). Under torchrun, torchrun's options rule."""
+    """Processes of one job (abnexp/commands/launch.py). Under torchrun, torchrun's options rule."""
 
     nproc_per_node: int = 1  # > 1: `abnexp train` starts torchrun --standalone with this many processes
     sync_group_size: int = 0  # ranks whose synchronized norms share statistics; 0 = all (e.g. 8 = per node of 8)
@@ -231,18 +231,28 @@ def renamed_recipe(name: str) -> Optional[str]:
 
 
 def _first_line(error: Exception, overrides: Sequence[str]) -> str:
-    lines = (str(error).strip() or type(error).__name__).splitlines()
-    lines += str(error.__cause__ or "").splitlines()  # Hydra keeps OmegaConf's reason as the cause
-    message = lines[0]
-    missing = [m for m in map(re.compile(r"Key '(\w+)' (?:is )?not in (?:struct|'(\w+)')").search, lines) if m]
-    if message.startswith("Could not override") and missing:
-        where = f" ({missing[0][2]} has no key {missing[0][1]!r})" if missing[0][2] else ""
-        message = f"{message.rstrip('.')}: no such config key{where}; `abnexp train --cfg job ...` lists the keys"
+    """Hydra's composition error as one line: its first line, with the valid options of an unknown
+    group option, the reason of a rejected value, or the new name of a moved recipe."""
     for item in overrides:
         key, _, value = item.partition("=")
         if key.lstrip("+~") == "experiment" and renamed_recipe(value):
             return f"experiment={value} has moved: use experiment={renamed_recipe(value)}"
-    return message
+    lines = (str(error).strip() or type(error).__name__).splitlines()
+    cause = str(error.__cause__ or "").splitlines()  # Hydra keeps OmegaConf's reason as the cause
+    message = lines[0]
+    missing = [m for m in map(re.compile(r"Key '(\w+)' (?:is )?not in (?:struct|'(\w+)')").search, lines + cause) if m]
+    if message.startswith("Could not override") and missing:
+        where = f" ({missing[0][2]} has no key {missing[0][1]!r})" if missing[0][2] else ""
+        return f"{message.rstrip('.')}: no such config key{where}; `abnexp train --cfg job ...` lists the keys"
+    if any(line.startswith("Available options") for line in lines):
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+        available = []
+        for line in lines[start:]:
+            if not line.startswith(("  ", "\t")) or not line.strip():
+                break
+            available.append(line.strip())
+        return f"{message}; available: {', '.join(available)}"
+    return f"{message}: {cause[0]}" if cause else message
 
 
 def _run_config_overrides(run: DictConfig, overrides: Sequence[str]) -> list[str]:
@@ -294,3 +304,68 @@ def compose(overrides: Sequence[str] = (), run: Union[DictConfig, str, None] = N
 def choice(value) -> str:
     """The string of an enum-typed config value (``cfg.amp`` -> "bf16"), or the value itself."""
     return value.value if isinstance(value, Enum) else value
+
+
+# --- value checks ---------------------------------------------------------------------------------
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low):
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low, high, closed_high=False):
+    return ((lambda v: low <= v <= high) if closed_high else (lambda v: low <= v < high),
+            f"in [{low}, {high}{']' if closed_high else ')'}")
+
+
+RANGES: dict[str, tuple] = {
+    "data.batch_size": _at_least(1), "data.num_workers": _at_least(0), "data.num_classes": _at_least(1),
+    "data.epochs": _at_least(1), "data.crop_size": _at_least(1), "data.large_crop_size": _at_least(1),
+    "data.resize_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"), "data.min_scale": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "data.color_jitter": _at_least(0), "data.lighting": _at_least(0), "data.long_side": _at_least(0),
+    "data.class_uniform": _within(0, 1, closed_high=True), "data.min_size": _at_least(1), "data.max_size": _at_least(1),
+    "model.output_stride": ((lambda v: v in (8, 16, 32)), "one of 8, 16, 32"),
+    "norm.eps": _above(0), "norm.momentum": ((lambda v: v is None or 0 < v <= 1), "in (0, 1] or null"),
+    "norm.group_size": _at_least(0), "norm.buffer_size": _at_least(1), "norm.warmup_iters": _at_least(0),
+    "norm.window": _at_least(1), "norm.burnin_iters": _at_least(0), "norm.r_max": _at_least(1),
+    "norm.d_max": _at_least(0), "norm.renorm_start_iters": _at_least(0),
+    "optim.lr": _above(0), "optim.momentum": _within(0, 1), "optim.weight_decay": _at_least(0),
+    "optim.base_batch_size": _at_least(1),
+    "sched.warmup_epochs": _at_least(0), "sched.warmup_factor": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "sched.gamma": ((lambda v: 0 < v <= 1), "in (0, 1]"), "sched.power": _above(0), "sched.final_lr": _at_least(0),
+    "trainer.epochs": _at_least(1), "trainer.max_steps": _at_least(0), "trainer.log_every": _at_least(1),
+    "trainer.eval_every": _at_least(1), "trainer.grad_clip": _at_least(0), "trainer.label_smoothing": _within(0, 1),
+    "launcher.nproc_per_node": _at_least(1), "launcher.sync_group_size": _at_least(0),
+    "memory.device_gb": _above(0), "memory.reserved_gb": _at_least(0), "memory.crop": _at_least(0),
+    "memory.batch": _at_least(0), "memory.probe_crop": _at_least(1), "memory.probe_batch": _at_least(1),
+}
+"""config key -> (check, valid range as written in the error); keys an option does not have are skipped."""
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks every value of :data:`RANGES` and the relations between keys, before a run starts.
+
+    Raises:
+        ConfigError: naming the key, the value given and the valid range or relation.
+    """
+    for key, (ok, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and not ok(value):
+            raise ConfigError(f"{key}={value}: valid values are {valid}")
+    epochs, d, n = cfg.trainer.epochs, cfg.data, cfg.norm
+    if cfg.sched.warmup_epochs >= epochs:
+        raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs}: the warm-up must be shorter than "
+                          f"training (trainer.epochs={epochs})")
+    milestones = list(cfg.sched.milestones)
+    if choice(cfg.sched.name) == "step" and (milestones != sorted(set(milestones)) or min(milestones, default=1) <= 0):
+        raise ConfigError(f"sched.milestones={milestones}: expected increasing epochs > 0 (e.g. [30,60])")
+    if n.get("group_size") and d.batch_size % n.group_size:
+        raise ConfigError(f"norm.group_size={n.group_size} does not divide data.batch_size={d.batch_size} (per "
+                          f"process): choose a group size that divides the batch")
+    if "crop_size" in d and d.crop_size < cfg.model.output_stride:
+        raise ConfigError(f"data.crop_size={d.crop_size} is smaller than model.output_stride="
+                          f"{cfg.model.output_stride}: a crop must give the network at least one output pixel")
+    if "min_size" in d and d.max_size < d.min_size:
+        raise ConfigError(f"data.max_size={d.max_size} is smaller than data.min_size={d.min_size}")

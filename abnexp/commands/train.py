@@ -8,13 +8,17 @@ import sys
 from hydra.core.hydra_config import HydraConfig
 
 from abnexp.commands.launch import launch, run_ranks, run_training, share_job
-from abnexp.config import register_configs, renamed_recipe
+from abnexp.config import compose, register_configs, validate
 from abnexp.engine.distributed import dist_env
-from abnexp.errors import AbnexpError, ConfigError, exit_with
+from abnexp.errors import AbnexpError, exit_with
 
 
 def _train_main(cfg) -> float | None:
     run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        validate(cfg)
+    except AbnexpError as e:
+        exit_with(e)
     if dist_env().distributed:  # rank 0 under torchrun: the other ranks train the config it sends
         metrics = share_job(cfg, run_dir, run_training)
     elif cfg.launcher.nproc_per_node != 1:  # abnexp starts torchrun itself
@@ -27,23 +31,38 @@ def _train_main(cfg) -> float | None:
     return metrics.get("top1")
 
 
-def _check_recipe_names(argv: list[str]) -> None:
-    """A recipe that moved into a family folder is named by its new name before Hydra starts."""
+FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--config-name", "-cn",
+                    "--info", "--experimental-rerun")
+
+
+def check_before_start(argv: list[str]) -> None:
+    """Composes and validates a single run's overrides before Hydra creates its run dir, so a refused
+    config leaves no run dir; a sweep (-m) is validated job by job in :func:`_train_main`.
+
+    Raises:
+        ConfigError: a composition error or a value out of its range (abnexp.config.validate).
+    """
+    if {"-m", "--multirun", "--help", "-h", "--hydra-help"} & set(argv):
+        return
+    overrides, skip = [], False
     for arg in argv:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+~") == "experiment" and renamed_recipe(value):
-            raise ConfigError(f"experiment={value} has moved: use experiment={renamed_recipe(value)}")
+        if skip or arg.startswith("-"):
+            skip = arg in FLAGS_WITH_VALUE and not skip
+            continue
+        if not arg.split("=", 1)[0].lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+    validate(compose(overrides))
 
 
 def train_command(argv: list[str]) -> None:
     """Runs Hydra's main with ``argv`` as its command line.
 
     Raises:
-        ConfigError: a recipe's old name (the message names the new one).
+        ConfigError: (before Hydra starts) see :func:`check_before_start`.
     """
     import hydra
 
-    _check_recipe_names(argv)
+    check_before_start(argv)
     register_configs()
     main = hydra.main(version_base="1.3", config_path="pkg://abnexp.configs", config_name="config")(_train_main)
     sys.argv = ["abnexp-train", *argv]
