@@ -62,7 +62,8 @@ def train_command(argv: list[str]) -> None:
     """
     import hydra
 
-    check_before_start(argv)
+    if not dist_env().distributed:  # under torchrun rank 0 validates in the job and ends every rank
+        check_before_start(argv)
     register_configs()
     main = hydra.main(version_base="1.3", config_path="pkg://abnexp.configs", config_name="config")(_train_main)
     sys.argv = ["abnexp-train", *argv]
