@@ -17,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.types import Glob
 from omegaconf import OmegaConf
 
+from abnexp.config import compose as abnexp_compose
 from abnexp.config import register_configs
 from abnexp.report.experiments import experiments
 from abnexp.report.paper_tables import TABLE3_MEMORY, TABLES, paper_values
@@ -30,10 +31,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def composed():
-    """{recipe name: composed config} for every recipe (one Hydra initialization)."""
-    register_configs()
-    with initialize_config_module(config_module="abnexp.configs", version_base="1.3"):
-        return {name: compose(config_name="config", overrides=[f"experiment={name}"]) for name in BY_NAME}
+    """{recipe name: composed config} for every recipe."""
+    return {name: abnexp_compose([f"experiment={name}"]) for name in BY_NAME}
 
 
 def test_recipes_are_the_cells_of_the_table_folders():
