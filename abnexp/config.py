@@ -145,6 +145,9 @@ class TrainerConfig:
     eval_every: int = 1  # epochs between validation passes (and always at the end)
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
     label_smoothing: float = 0.0
+    checkpoint_every: int = 0  # optimizer steps between step checkpoints (checkpoints/step_<N>.pt); 0 = epoch ends only
+    checkpoint_minutes: float = 0.0  # also a step checkpoint once this many minutes passed since the last one; 0 = off
+    keep_last: int = 2  # step checkpoints kept beside last.pt (older ones are deleted); >= 1
 
 
 @dataclass
@@ -337,6 +340,7 @@ RANGES: dict[str, tuple] = {
     "sched.gamma": ((lambda v: 0 < v <= 1), "in (0, 1]"), "sched.power": _above(0), "sched.final_lr": _at_least(0),
     "trainer.epochs": _at_least(1), "trainer.max_steps": _at_least(0), "trainer.log_every": _at_least(1),
     "trainer.eval_every": _at_least(1), "trainer.grad_clip": _at_least(0), "trainer.label_smoothing": _within(0, 1),
+    "trainer.checkpoint_every": _at_least(0), "trainer.checkpoint_minutes": _at_least(0), "trainer.keep_last": _at_least(1),
     "launcher.nproc_per_node": _at_least(1), "launcher.sync_group_size": _at_least(0),
     "memory.device_gb": _above(0), "memory.reserved_gb": _at_least(0), "memory.crop": _at_least(0),
     "memory.batch": _at_least(0), "memory.probe_crop": _at_least(1), "memory.probe_batch": _at_least(1),
