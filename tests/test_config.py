@@ -28,6 +28,7 @@ def test_groups_have_the_expected_options():
     assert options("sched") == ["cosine", "linear", "poly", "step"]
 
 
+@pytest.mark.slow  # 234 models built
 @pytest.mark.parametrize("data", ["demo", "imagenet"])
 @pytest.mark.parametrize("norm", options("norm"))
 @pytest.mark.parametrize("model", options("model"))

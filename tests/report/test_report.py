@@ -15,6 +15,7 @@ from conftest import run_cli
 RECIPES = experiments()
 
 
+@pytest.mark.slow  # 89 models built (their composition is checked in test_recipes.py)
 @pytest.mark.parametrize("name", [m["name"] for m in RECIPES])
 def test_recipe_builds(name):
     from abnexp.config import compose
