@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from abnexp.errors import ConfigError
+from abnexp.models.pretrained import read_checkpoint
 
 log = logging.getLogger("abnexp")
 
@@ -59,21 +60,15 @@ def save_checkpoint(state: dict, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Loads a checkpoint on the CPU with ``weights_only=True``.
+    """Loads a checkpoint on the CPU with ``weights_only=True`` (:func:`abnexp.models.pretrained.read_checkpoint`).
 
     Raises:
         ConfigError: the file does not exist or is not an abnexp checkpoint.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist (expected <run dir>/checkpoints/{LAST})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise ConfigError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError(f"{path} is not an abnexp checkpoint (no 'model'/'config' entries)")
-    return state
+        return read_checkpoint(Path(path).expanduser())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def step_file_number(path: Path) -> int | None:

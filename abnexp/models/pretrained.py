@@ -26,8 +26,14 @@ FIX = ("pretrain with the norm the backbone is built with: for detection norm=bn
 """How to fix a strict key mismatch (norms name their parameters / buffers differently)."""
 
 
-def _read(path: Path) -> dict:
-    """The checkpoint dict at ``path`` (CPU tensors, ``weights_only=True``); ValueError if unusable."""
+def read_checkpoint(path: Path) -> dict:
+    """The abnexp checkpoint dict at ``path`` (CPU tensors, ``weights_only=True``), with its "model"
+    (state dict) and "config" (YAML text); the one reader of checkpoint files (the engine's
+    ``load_checkpoint`` turns its errors into ConfigError).
+
+    Raises:
+        ValueError: a missing, unreadable (truncated, foreign) or non-abnexp file, naming it.
+    """
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist (expected an `abnexp train` checkpoint, "
                          f"<run dir>/checkpoints/last.pt)")
@@ -79,7 +85,7 @@ def load_backbone(backbone: nn.Module, path: str | Path, *, strict: bool,
             keys and the fix.
     """
     path = Path(path).expanduser()
-    checkpoint = _read(path)
+    checkpoint = read_checkpoint(path)
     if expected_model is not None:
         trained = _trained_model(path, checkpoint["config"])
         if trained != expected_model:
