@@ -15,7 +15,7 @@ import torch
 
 from abnexp.config import compose
 from abnexp.engine.checkpoint import load_checkpoint
-from abnexp.engine.distributed import DistEnv
+from abnexp.distributed import DistEnv
 from abnexp.engine.runtime import make_eval_loader, run_context, unwrap
 from abnexp.errors import ConfigError
 from abnexp.tasks import build_task

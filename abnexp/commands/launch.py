@@ -30,7 +30,7 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from abnexp.config import compose
-from abnexp.engine.distributed import broadcast_object, destroy_distributed, init_distributed
+from abnexp.distributed import broadcast_object, destroy_distributed, init_distributed
 from abnexp.errors import AbnexpError, ConfigError, exit_with
 
 log = logging.getLogger("abnexp")

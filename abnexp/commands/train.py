@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from abnexp.commands.launch import launch, run_ranks, run_training, share_job
 from abnexp.config import compose, register_configs, validate
-from abnexp.engine.distributed import dist_env
+from abnexp.distributed import dist_env
 from abnexp.errors import AbnexpError, exit_with
 
 

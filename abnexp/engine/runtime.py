@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 
 from abnexp.config import choice
 from abnexp.data.sampling import ShardSampler
-from abnexp.engine.distributed import DistEnv
+from abnexp.distributed import DistEnv
 from abnexp.errors import ConfigError
 from abnexp.tasks.base import RunContext
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from abnexp.data.sampling import ResumableSampler, SeededDataset
 from abnexp.engine.checkpoint import (EXIT_PREEMPTED, Checkpoints, PreemptionSignals, check_checkpoint_settings,
                                       find_resume, rng_state, set_rng_state)
-from abnexp.engine.distributed import all_reduce_sum, init_distributed, sync_group
+from abnexp.distributed import all_reduce_sum, init_distributed, sync_group
 from abnexp.engine.logging import RunLogger, peak_memory_bytes
 from abnexp.engine.optim import EpochLR, build_optimizer
 from abnexp.engine.runtime import make_eval_loader, run_context, unwrap

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from abnexp.engine.distributed import all_reduce_sum
+from abnexp.distributed import all_reduce_sum
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from abnexp.data.segmentation import IGNORE_INDEX
-from abnexp.engine.distributed import all_reduce_sum
+from abnexp.distributed import all_reduce_sum
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from abnexp.engine.distributed import dist_env
+from abnexp.distributed import dist_env
 from abnexp.engine.runtime import make_eval_loader
 from abnexp.eval.classification import evaluate
 from abnexp.norm import NORM_LAYERS

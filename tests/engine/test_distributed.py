@@ -123,7 +123,7 @@ def test_shard_sampler_covers_every_index_once_without_padding():
 
 
 def test_sync_group_size_must_divide_the_world_size():
-    from abnexp.engine.distributed import DistEnv, sync_group
+    from abnexp.distributed import DistEnv, sync_group
     from abnexp.errors import ConfigError
 
     assert sync_group(0, DistEnv(0, 4, 0)) is None and sync_group(4, DistEnv(0, 4, 0)) is None

@@ -39,7 +39,7 @@ def init_distributed() -> DistEnv:
     a no-op for a single process or when it is already initialized.
 
     The backend does not depend on the configured device, so the group can exist before the
-    config is known (abnexp.engine.launch hands rank 0's config over it): with CUDA,
+    config is known (abnexp.commands.launch hands rank 0's config over it): with CUDA,
     "cpu:gloo,cuda:nccl" (nccl for CUDA tensors, gloo for CPU tensors) after selecting the
     GPU LOCAL_RANK; without CUDA, gloo. Rendezvous comes from torchrun's MASTER_ADDR/PORT.
     """
