@@ -340,6 +340,47 @@ void xhat_backward_elementwise_(const at::Tensor& x, const at::Tensor& dz, const
                   &dz);
 }
 
+// Linear forms (MABN's normalization x * scale, CBN's and the statistics' backward): t = x itself,
+// dy = act'(z) dz with the saved output z (no z: identity, dy = dz). With dz = x the reduction
+// gives (sum x, sum x^2), MABN's second-moment statistic.
+Channel linear_channel(const at::Tensor& x, const std::optional<at::Tensor>& z, c10::string_view activation) {
+  TORCH_CHECK((z.has_value() && z->defined()) || parse_activation(std::string(activation)) == Act::Identity,
+              "abnexp: linear backward with activation '", std::string(activation), "' needs the saved output z");
+  return xhat_channel(x, std::nullopt, std::nullopt, at::ones({x.size(1)}, x.options().dtype(compute_dtype(x))),
+                      at::zeros({x.size(1)}, x.options().dtype(compute_dtype(x))));
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_backward_reduce(const at::Tensor& x, const at::Tensor& dz,
+                                                          const std::optional<at::Tensor>& z,
+                                                          c10::string_view activation, double param) {
+  const auto p = prepare(x, dz, z);
+  return reduce(p, linear_channel(x, z, activation), parse_activation(std::string(activation)), param, false);
+}
+
+// dL/dx = a * dy + b * x + c with the caller's (C,) coefficients.
+at::Tensor linear_grad_input(const at::Tensor& x, const at::Tensor& dz, const std::optional<at::Tensor>& z,
+                             const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                             c10::string_view activation, double param, const at::Tensor* into) {
+  auto p = prepare(x, dz, z);
+  auto ch = linear_channel(x, z, activation);
+  ch.a = channel_vector(a, x, "a");
+  ch.b = channel_vector(b, x, "b");
+  ch.c = channel_vector(c, x, "c");
+  return grad_input(p, ch, parse_activation(std::string(activation)), param, false, into);
+}
+
+at::Tensor linear_backward_elementwise(const at::Tensor& x, const at::Tensor& dz, const std::optional<at::Tensor>& z,
+                                       const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                       c10::string_view activation, double param) {
+  return linear_grad_input(x, dz, z, a, b, c, activation, param, nullptr);
+}
+
+void linear_backward_elementwise_(const at::Tensor& x, const at::Tensor& dz, const std::optional<at::Tensor>& z,
+                                  const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                                  c10::string_view activation, double param) {
+  linear_grad_input(x, dz, z, a, b, c, activation, param, &dz);
+}
+
 }  // namespace
 
 void set_cuda_launchers(const Launchers* launchers) { g_cuda = launchers; }
@@ -368,6 +409,12 @@ TORCH_LIBRARY(abnexp, m) {
   m.def("xhat_backward_elementwise_(Tensor x, Tensor(a!) dz, Tensor? z, Tensor? mean, Tensor invstd, "
         "Tensor gamma, Tensor beta, Tensor sum_dy, Tensor sum_dy_xhat, int count, bool batch_stats, "
         "str activation, float param) -> ()");
+  m.def("linear_backward_reduce(Tensor x, Tensor dz, Tensor? z, str activation, float param) "
+        "-> (Tensor sum_dy, Tensor sum_dy_x)");
+  m.def("linear_backward_elementwise(Tensor x, Tensor dz, Tensor? z, Tensor a, Tensor b, Tensor c, "
+        "str activation, float param) -> Tensor");
+  m.def("linear_backward_elementwise_(Tensor x, Tensor(a!) dz, Tensor? z, Tensor a, Tensor b, Tensor c, "
+        "str activation, float param) -> ()");
 }
 
 // merge_statistics is composed of ATen ops: one implementation for every backend (and meta).
@@ -382,7 +429,10 @@ TORCH_LIBRARY_IMPL(abnexp, CompositeExplicitAutograd, m) { m.impl("merge_statist
   m.impl("inplace_backward_elementwise_", &inplace_backward_elementwise_);         \
   m.impl("xhat_backward_reduce", &xhat_backward_reduce);                           \
   m.impl("xhat_backward_elementwise", &xhat_backward_elementwise);                 \
-  m.impl("xhat_backward_elementwise_", &xhat_backward_elementwise_)
+  m.impl("xhat_backward_elementwise_", &xhat_backward_elementwise_);              \
+  m.impl("linear_backward_reduce", &linear_backward_reduce);                       \
+  m.impl("linear_backward_elementwise", &linear_backward_elementwise);             \
+  m.impl("linear_backward_elementwise_", &linear_backward_elementwise_)
 
 // The same wrappers serve both devices; CUDA tensors need the CUDA launchers (abn_cuda.cu).
 TORCH_LIBRARY_IMPL(abnexp, CPU, m) { ABNEXP_REGISTER_KERNELS(m); }

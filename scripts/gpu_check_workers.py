@@ -114,9 +114,7 @@ def env_main(args) -> int:
 def _cached_build(native) -> tuple[str, str, bool]:
     """(extension name, build folder, whether a library newer than every kernel source is
     there) of the CPU-only module, without building it."""
-    import torch
-
-    name = f"abnexp_kernels_{torch.backends.cpu.get_cpu_capability().lower()}"  # native.build()'s name
+    name = native.extension_name(False)  # native.build()'s name for the CPU-only module
     folder = native.cpp_extension_module()._get_build_directory(name, False)
     library = Path(folder) / f"{name}.so"
     sources = list(native.kernels_dir().glob("*.[ch]*"))
@@ -330,16 +328,6 @@ def bench_main(args) -> int:
 # ----------------------------------------------------------------------------------------------
 # memory: the largest batch by real allocation under a memory cap
 # ----------------------------------------------------------------------------------------------
-def compose(overrides: list[str]):
-    """The composed config: abnexp.config.compose (the refactored API), else the older
-    abnexp.report.memory_report.compose_config."""
-    try:
-        from abnexp.config import compose as compose_fn
-    except ImportError:
-        from abnexp.report.memory_report import compose_config as compose_fn
-    return compose_fn(overrides)
-
-
 def largest_fitting(fits, start: int = 2, upper: int = 64) -> int:
     """The largest batch in [start, upper] for which ``fits(batch)`` is True (0 if ``start``
     does not fit), doubling from ``start`` then bisecting: about 2·log2(answer) probes.
@@ -372,6 +360,8 @@ def memory_main(args) -> int:
         torch.cuda.set_per_process_memory_fraction(fraction, 0)
         result.update(cap_bytes=int(args.cap_gib * 2**30), cap_fraction=fraction, device_total_bytes=total)
     write_json(args.json, result)
+    from abnexp.config import compose
+
     cfg = compose(args.overrides)
     crop = int(cfg.data.crop_size)
     torch.manual_seed(0)

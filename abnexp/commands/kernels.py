@@ -182,12 +182,41 @@ def check_xhat_backward(x: torch.Tensor):
     return out
 
 
+def check_linear_backward(x: torch.Tensor):
+    """The linear forms (MABN, CBN, the statistics' backward): identity without z and every
+    activation with z; dL/dz = x gives (sum x, sum x^2)."""
+    mean, invstd, gamma, beta = _params(x)
+    dz = make_input(x.shape, x.dtype, "contiguous", x.device, seed=4)
+    a, b, c = gamma * invstd, -invstd * beta, mean * 0.1
+    out = []
+    for act, p in ACTIVATIONS:
+        for form, (zk, dk) in {"dz": (None, dz), "x^2": (None, x), "z": (Fn.forward(x, mean, invstd, gamma, beta,
+                                                                              act, p), dz)}.items():
+            if zk is None and act != "identity":
+                continue
+            s1, s2 = Fn.linear_backward_reduce(x, dk, zk, act, p)
+            n1, n2 = native.ops().linear_backward_reduce(x, dk, zk, act, p)
+            scale = dk.abs().double().sum(Fn.reduce_dims(x)).max().item()
+            tol = tolerance(x.dtype, False)
+            out += [(f"{act} {form} sum_dy", relative_error(n1, s1, scale), tol),
+                    (f"{act} {form} sum_dy_x", relative_error(n2, s2, scale * x.abs().max().item()), tol)]
+            ref = Fn.linear_grad_input(x, dk, zk, a, b, c, act, p)
+            dx = native.ops().linear_backward_elementwise(x, dk, zk, a, b, c, act, p)
+            into = dk.clone()
+            native.ops().linear_backward_elementwise_(x, into, zk, a, b, c, act, p)
+            scale_dx = ref.abs().max().item()
+            out += [(f"{act} {form} dx", relative_error(dx, ref, scale_dx), tolerance(x.dtype, True)),
+                    (f"{act} {form} dx into dz", relative_error(into, ref, scale_dx), tolerance(x.dtype, True))]
+    return out
+
+
 CHECKS: dict[str, Callable] = {
     "statistics": check_statistics,
     "merge_statistics": check_merge_statistics,
     "forward": check_forward,
     "inplace_backward": check_inplace_backward,
     "xhat_backward": check_xhat_backward,
+    "linear_backward": check_linear_backward,
 }
 """operator group -> check of one input; each native operator is covered by one group."""
 

@@ -38,6 +38,13 @@ Each training-mode call is one iteration (several calls per step are several ite
 unchanged weights, which the compensation handles exactly for mu); with ``group_size`` each
 group is one window entry (see :mod:`abnexp.norm.grouping`). An empty batch leaves the
 buffers untouched. A forward recomputed during backward (activation checkpointing) raises ``RuntimeError``.
+
+Native kernels (:mod:`abnexp.norm.native`, unless switched off or the activation has a negative
+slope / alpha): the current statistics are the ``statistics`` operator with the closed-form
+backward dL/dx = (dL/dmu + 2 dL/dsigma^2 (x - mu)) / m (:class:`_BatchMoments`), and
+normalization, affine and activation are one fused ``forward`` pass whose backward reads x and z
+once for the sums and once for dL/dx (:class:`_FusedNormalize`); the window's (C,) statistics
+stay in autograd.
 """
 from __future__ import annotations
 
@@ -47,11 +54,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from abnexp.norm import native
 
 from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import activate
-from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims, update_running_stats,
-                                    values_per_channel)
+from abnexp.norm.functional import (affine_params, check_batch_size, compute_dtype, reduce_dims,
+                                    update_running_stats, values_per_channel)
 from abnexp.norm.grouping import affine_normalize, refuse_recompute, split_groups
 
 INVALID_STATS = ("max", "drop")
@@ -80,6 +90,57 @@ def conv_statistics_grads(conv_input: Tensor, output: Tensor, conv: nn.Conv2d) -
                                       ones, *geometry)
     dnu = torch.nn.grad.conv2d_weight(conv_input, conv.weight.shape, output * (2.0 / m), *geometry)
     return dmu, dnu
+
+
+class _BatchMoments(torch.autograd.Function):
+    """(mean, biased variance) of x (N, C, *) per channel, (C,) in the compute dtype, from the
+    native ``statistics`` operator; backward dL/dx = (dL/dmean + 2 dL/dvar (x - mean)) / m in
+    one ``linear_backward_elementwise`` pass (b = 2 dL/dvar / m, c = (dL/dmean - 2 dL/dvar mean) / m)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mean, var = native.ops().statistics(x)[:2]
+        ctx.save_for_backward(x, mean)
+        return mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dmean, dvar):
+        x, mean = ctx.saved_tensors
+        m = values_per_channel(x)
+        b = dvar * (2.0 / m)
+        return native.ops().linear_backward_elementwise(x, x, None, torch.zeros_like(b), b,
+                                                        dmean / m - b * mean, "identity", 0.0)
+
+
+class _FusedNormalize(torch.autograd.Function):
+    """z = phi(gamma * (x - mu) * invstd + beta) with gradients for x, mu, invstd (C,), weight
+    and bias, on the native kernels; keeps x and z. With dL/dy = phi'(z) dL/dz, xhat = (x - mu)
+    invstd: dL/dx = gamma invstd dL/dy, dL/dmu = -gamma invstd sum dL/dy, dL/dinvstd =
+    gamma sum(dL/dy xhat) / invstd, dL/dgamma = sum dL/dy xhat, dL/dbeta = sum dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x, mu, invstd, weight, bias, activation, param):
+        gamma, beta = affine_params(weight, bias, x.shape[1], mu.dtype, x.device)
+        z = native.ops().forward(x, mu, invstd, gamma, beta, activation, param)
+        ctx.save_for_backward(x, mu, invstd, weight, bias, z)
+        ctx.act = (activation, param)
+        return z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        x, mu, invstd, weight, bias, z = ctx.saved_tensors
+        activation, param = ctx.act
+        ops = native.ops()
+        gamma, beta = affine_params(weight, bias, x.shape[1], mu.dtype, x.device)
+        sum_dy, sum_dy_xhat = ops.xhat_backward_reduce(x, dz, z, mu, invstd, gamma, beta, activation, param)
+        scale = gamma * invstd
+        dx = ops.linear_backward_elementwise(x, dz, z, scale, torch.zeros_like(scale), torch.zeros_like(scale),
+                                             activation, param) if ctx.needs_input_grad[0] else None
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
+        return dx, -scale * sum_dy, gamma * sum_dy_xhat / invstd, dw, db, None, None
 
 
 class CBN2d(NormActBase):
@@ -174,11 +235,16 @@ class CBN2d(NormActBase):
                 raise RuntimeError(f"CBN2d({self.num_features}) is paired with a conv and must receive "
                                    f"that conv's output directly (conv -> norm), in the same call order")
             self.num_steps.add_(1)
-            y = self._train_call(x, *(captured[:2] if self.past_len else (None, None)))
+            use_native = native.enabled(x, self.activation, self.activation_param)
+            y = self._train_call(x, *(captured[:2] if self.past_len else (None, None)), use_native)
+            if use_native:
+                return y  # activation fused
         return activate(self.activation, y, self.activation_param)
 
-    def _train_call(self, x: Tensor, conv: Optional[nn.Conv2d], conv_input: Optional[Tensor]) -> Tensor:
-        """One training call: each group of ``group_size`` samples is one iteration.
+    def _train_call(self, x: Tensor, conv: Optional[nn.Conv2d], conv_input: Optional[Tensor],
+                    use_native: bool = False) -> Tensor:
+        """One training call: each group of ``group_size`` samples is one iteration; returns y,
+        or z = phi(y) with ``use_native`` (the native kernels, activation fused).
 
         The conv weights are the same for every group of a call, so the past entries are
         compensated once per call and entries written during the call need no compensation;
@@ -198,8 +264,11 @@ class CBN2d(NormActBase):
             check_batch_size(xg)
             _, factor, running_mean, running_var = self._stats_mode()
             t = int(self.num_batches_tracked)
-            xc = xg.to(cdt)
-            var, mean = torch.var_mean(xc, dim=reduce_dims(xg), correction=0)
+            if use_native:
+                mean, var = _BatchMoments.apply(xg)
+            else:
+                xc = xg.to(cdt)
+                var, mean = torch.var_mean(xc, dim=reduce_dims(xg), correction=0)
             mu_bar, var_bar = (mean, var) if window is None else window_statistics(mean, var, *window)
             with torch.no_grad():
                 update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
@@ -212,8 +281,12 @@ class CBN2d(NormActBase):
                     theta = conv.weight.detach().to(cdt)
                     self._record(t, mean, var, theta, *conv_statistics_grads(ug.detach().to(cdt),
                                                                              xg.detach().to(cdt), conv))
-            outputs.append(affine_normalize(xc, mu_bar, torch.rsqrt(var_bar + self.eps), self.weight,
-                                            self.bias).to(x.dtype))
+            invstd = torch.rsqrt(var_bar + self.eps)
+            if use_native:
+                outputs.append(_FusedNormalize.apply(xg, mu_bar, invstd, self.weight, self.bias,
+                                                     self.activation, self.activation_param))
+            else:
+                outputs.append(affine_normalize(xc, mu_bar, invstd, self.weight, self.bias).to(x.dtype))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _compensated(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -277,6 +277,27 @@ def grad_input_y(dy: Tensor, y: Tensor, invstd: Tensor, gamma: Tensor, beta: Ten
     return dy.mul_(scale).to(dtype)
 
 
+def linear_backward_reduce(x: Tensor, dz: Tensor, z: Optional[Tensor], activation: str,
+                           param: float) -> tuple[Tensor, Tensor]:
+    """(sum dL/dy, sum dL/dy * x) per channel, dL/dy = phi_backward(z, dL/dz) (z None: the
+    identity, dL/dy = dL/dz); (C,) in the compute dtype. The reference of the native
+    ``linear_backward_reduce`` (MABN's and CBN's backward; dz = x gives sum x and sum x^2)."""
+    cdt = compute_dtype(x.dtype)
+    dy = dz.to(cdt) if z is None else get_activation(activation).backward(z.to(cdt), dz.to(cdt), param)
+    return backward_reduce(dy, x.to(cdt))
+
+
+def linear_grad_input(x: Tensor, dz: Tensor, z: Optional[Tensor], a: Tensor, b: Tensor, c: Tensor,
+                      activation: str, param: float) -> Tensor:
+    """dL/dx = a * dL/dy + b * x + c with (C,) coefficients, dL/dy as in
+    :func:`linear_backward_reduce`; a new tensor in x's dtype. The reference of the native
+    ``linear_backward_elementwise``."""
+    cdt = compute_dtype(x.dtype)
+    dy = dz.to(cdt) if z is None else get_activation(activation).backward(z.to(cdt), dz.to(cdt), param)
+    dx = dy * channel(a.to(cdt), x) + x.to(cdt) * channel(b.to(cdt), x) + channel(c.to(cdt), x)
+    return dx.to(x.dtype)
+
+
 def grad_gamma_y(sum_dy: Tensor, sum_dy_y: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
     """dL/dgamma = (1/gamma) (sum dL/dy*y - beta * dL/dbeta)  (supplementary, variant II)."""
     return (sum_dy_y - beta * sum_dy) / gamma

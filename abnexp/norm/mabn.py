@@ -46,6 +46,13 @@ corrupts its buffers:
   raises ``RuntimeError``; do not checkpoint segments that contain MABN layers;
 * a training-mode call under ``torch.no_grad()`` updates buffer_x2, running_var and the
   counter; its Psi slot keeps its previous value (there is no backward).
+
+Native kernels (:mod:`abnexp.norm.native`, unless switched off or the activation has a negative
+slope / alpha): x2 is the ``linear_backward_reduce`` of (x, x) (sum x^2), the normalization is
+one fused ``forward`` pass with the activation (z kept, as autograd keeps it for the activation
+on the PyTorch path), the backward one ``linear_backward_reduce`` pass for (sum dL/dy, sum dL/dy
+* x) -- Psi_B = gamma r invstd sum(dL/dy x) / m -- and one ``linear_backward_elementwise`` pass
+for dL/dx = gamma r invstd dL/dy - invstd^2 Psi x.
 """
 from __future__ import annotations
 
@@ -54,10 +61,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
+from abnexp.norm import native
 from abnexp.norm.abn import NormActBase
 from abnexp.norm.activations import activate
-from abnexp.norm.functional import channel, compute_dtype, reduce_dims
+from abnexp.norm.functional import affine_params, channel, compute_dtype, reduce_dims, values_per_channel
 from abnexp.norm.grouping import refuse_recompute, split_groups
 
 R_MAX = 5.0  # r is clamped to [1/R_MAX, R_MAX] (reference code)
@@ -81,24 +90,36 @@ class _MABNFunction(torch.autograd.Function):
 
     ``invstd``, ``r``: (G, C), one row per group of ``split_groups(x, group_size)``; ``slots``,
     ``use_sma``: one entry per group. Backward visits the groups in batch order, each writing its
-    Psi_B before averaging ``buffer_gz``, as G consecutive calls would."""
+    Psi_B before averaging ``buffer_gz``, as G consecutive calls would. ``activation`` is
+    fused (z = phi(y) returned and kept) on the native path only (``use_native``); the
+    PyTorch path returns y and takes "identity"."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, invstd, r, buffer_gz, slots, use_sma, group_size):
+    def forward(ctx, x, weight, bias, invstd, r, buffer_gz, slots, use_sma, group_size,
+                activation, param, use_native):
         cdt = compute_dtype(x.dtype)
         ys = []
+        gamma, beta = affine_params(weight, bias, x.shape[1], cdt, x.device)
         for i, xg in enumerate(split_groups(x, group_size)):
+            if use_native:
+                ys.append(native.ops().forward(xg, torch.zeros_like(r[i]), r[i] * invstd[i], gamma,
+                                               beta, activation, param))
+                continue
             scale = (weight.to(cdt) * r[i] * invstd[i]) if weight is not None else r[i] * invstd[i]
             y = xg.to(cdt) * channel(scale, xg)
             if bias is not None:
                 y = y + channel(bias.to(cdt), xg)
             ys.append(y)
-        ctx.save_for_backward(x, weight, invstd, r)
+        out = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)
+        ctx.save_for_backward(x, weight, invstd, r, *((out,) if use_native else ()))
         ctx.buffer_gz, ctx.slots, ctx.use_sma, ctx.group_size = buffer_gz, slots, use_sma, group_size
-        return (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)
+        ctx.act = (activation, param, use_native)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.act[2]:
+            return _native_backward(ctx, dy)
         x, weight, invstd, r = ctx.saved_tensors
         cdt = compute_dtype(x.dtype)
         dims = reduce_dims(x)
@@ -121,7 +142,36 @@ class _MABNFunction(torch.autograd.Function):
                 db = dyc.sum(dims).to(weight.dtype)  # affine: weight and bias both or neither
                 dbias = db if dbias is None else dbias + db
         dx = dxs[0] if len(dxs) == 1 else torch.cat(dxs)
-        return dx, dweight, dbias, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+
+
+@once_differentiable
+def _native_backward(ctx, dz):
+    """:class:`_MABNFunction`'s backward with the native linear-form operators (module docstring)."""
+    x, weight, invstd, r, z = ctx.saved_tensors
+    activation, param, _ = ctx.act
+    ops = native.ops()
+    need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dxs, dweight, dbias = [], None, None
+    groups = zip(split_groups(x, ctx.group_size), split_groups(dz, ctx.group_size),
+                 split_groups(z, ctx.group_size))
+    gamma, _ = affine_params(weight, None, x.shape[1], invstd.dtype, x.device)
+    for i, (xg, dzg, zg) in enumerate(groups):
+        sum_dy, sum_dy_x = ops.linear_backward_reduce(xg, dzg, zg, activation, param)
+        scale = gamma * r[i] * invstd[i]                      # g = dL/dy * scale, z = x * invstd
+        gz = scale * sum_dy_x / values_per_channel(xg)        # Psi_B = mean(g * z)
+        ctx.buffer_gz[ctx.slots[i]] = gz.to(ctx.buffer_gz.dtype)
+        psi = ctx.buffer_gz.to(invstd.dtype).mean(0) if ctx.use_sma[i] else gz
+        dxs.append(ops.linear_backward_elementwise(xg, dzg, zg, scale, -invstd[i].square() * psi,
+                                                   torch.zeros_like(psi), activation, param))
+        if need_w:
+            dw = (sum_dy_x * invstd[i] * r[i]).to(weight.dtype)
+            dweight = dw if dweight is None else dweight + dw
+        if need_b:
+            db = sum_dy.to(weight.dtype)
+            dbias = db if dbias is None else dbias + db
+    dx = dxs[0] if len(dxs) == 1 else torch.cat(dxs)
+    return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
 
 
 class MABN2d(NormActBase):
@@ -190,19 +240,26 @@ class MABN2d(NormActBase):
         else:
             refuse_recompute("MABN2d")
             self.num_steps.add_(1)
-            y = self._train_iteration(x)
+            if native.enabled(x, self.activation, self.activation_param):
+                return self._train_iteration(x, True)  # activation fused
+            y = self._train_iteration(x, False)
         return activate(self.activation, y, self.activation_param)
 
-    def _train_iteration(self, x: Tensor) -> Tensor:
+    def _train_iteration(self, x: Tensor, use_native: bool) -> Tensor:
         """One training iteration on (N, C, *): per normalization batch (group, in batch order)
-        statistics and buffers, then one custom Function for the whole batch."""
+        statistics and buffers, then one custom Function for the whole batch (returning
+        z = phi(y) with ``use_native``, else y)."""
         cdt = compute_dtype(x.dtype)
         invstds, rs, slots, use_sma = [], [], [], []
         with torch.no_grad():
             for xg in split_groups(x.detach(), self.group_size):
                 _, factor, _, running_var = self._stats_mode()  # n += 1
                 t, n = int(self.num_steps), int(self.num_batches_tracked)
-                x2 = xg.to(cdt).square().mean(reduce_dims(xg))
+                if use_native:
+                    x2 = native.ops().linear_backward_reduce(xg, xg, None, "identity", 0.0)[1]
+                    x2 = x2 / values_per_channel(xg)
+                else:
+                    x2 = xg.to(cdt).square().mean(reduce_dims(xg))
                 slot = n % self.buffer_size
                 self.buffer_x2[slot] = x2.to(self.buffer_x2.dtype)
                 sma = not (n <= self.buffer_size or t < self.warmup_iters)
@@ -217,5 +274,6 @@ class MABN2d(NormActBase):
                 rs.append(r)
                 slots.append(slot)
                 use_sma.append(sma)
+        act = (self.activation, self.activation_param) if use_native else ("identity", 0.0)
         return _MABNFunction.apply(x, self.weight, self.bias, torch.stack(invstds), torch.stack(rs),
-                                   self.buffer_gz, slots, use_sma, self.group_size)
+                                   self.buffer_gz, slots, use_sma, self.group_size, *act, use_native)

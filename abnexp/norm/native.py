@@ -13,7 +13,15 @@ operator                           reference
 ``inplace_backward_elementwise``   :func:`~abnexp.norm.functional.grad_input_xhat` / ``grad_input_y``
 ``xhat_backward_reduce``           :func:`~abnexp.norm.functional.checkpoint_backward_reduce` (sums)
 ``xhat_backward_elementwise``      :func:`~abnexp.norm.functional.grad_input_xhat`
+``linear_backward_reduce``         :func:`~abnexp.norm.functional.linear_backward_reduce` (sums)
+``linear_backward_elementwise``    :func:`~abnexp.norm.functional.linear_grad_input`
 =================================  ================================================================
+
+The ``linear_*`` operators serve the layers whose elementwise parts are linear in x with
+per-channel coefficients (MABN, CBN, the statistics' backward): t = x, dL/dy = phi'(z) dL/dz
+from the saved output z (no z: identity), sums (sum dL/dy, sum dL/dy * x) and
+dL/dx = a * dL/dy + b * x + c with the caller's coefficients. With dL/dz = x the reduction
+gives (sum x, sum x^2), MABN's second moment. All operators run the same CPU and CUDA kernels.
 
 The backward operators take the *saved* tensors (z, or x / xhat) and dL/dz and recompute dL/dy
 and xhat (or y) per element, so no full-size temporary is materialised; the ``*_`` variants write
@@ -28,6 +36,7 @@ and warn once; ``ABNEXP_NATIVE=0`` (or ``native.ENABLED = False``) forces the re
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -89,6 +98,22 @@ def sources(cuda: bool) -> list[Path]:
     """The translation units: ops.cpp and abn_cpu.cpp, plus abn_cuda.cu when ``cuda``."""
     names = ["ops.cpp", "abn_cpu.cpp"] + (["abn_cuda.cu"] if cuda else [])
     return [kernels_dir() / n for n in names]
+
+
+def source_digest(cuda: bool) -> str:
+    """First 10 hex digits of the SHA-256 of the sources and headers: part of the extension
+    name, so checkouts with different sources keep separate cached builds instead of rebuilding
+    (and replacing the library under) each other."""
+    digest = hashlib.sha256()
+    for path in sources(cuda) + sorted(kernels_dir().glob("*.h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def extension_name(cuda: bool) -> str:
+    """The extension's name: CPU capability, "_cuda" when built with CUDA, source digest."""
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return f"abnexp_kernels_{cap}" + ("_cuda" if cuda else "") + f"_{source_digest(cuda)}"
 
 
 def cuda_home() -> Optional[str]:
@@ -195,8 +220,7 @@ def build(cuda: Optional[bool] = None, verbose: bool = False) -> BuildInfo:
     cpp_extension = cpp_extension_module()
     cflags = cpu_flags()
     archs = cuda_archs() if cuda else ()
-    cap = torch.backends.cpu.get_cpu_capability().lower()
-    name = f"abnexp_kernels_{cap}" + ("_cuda" if cuda else "")
+    name = extension_name(cuda)
     start = time.perf_counter()
     try:
         library = cpp_extension.load(
@@ -348,5 +372,13 @@ def _register_fakes() -> None:
         return _channel_vectors(x, 2)
 
     @reg(lib + "xhat_backward_elementwise")
+    def _(x, dz, *args):
+        return torch.empty_like(x)
+
+    @reg(lib + "linear_backward_reduce")
+    def _(x, dz, z, activation, param):
+        return _channel_vectors(x, 2)
+
+    @reg(lib + "linear_backward_elementwise")
     def _(x, dz, *args):
         return torch.empty_like(x)

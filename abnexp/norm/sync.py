@@ -15,7 +15,11 @@ The running statistics are updated with (mu, var, m) on every rank, hence identi
 Backward: one ``all_reduce`` of the per-channel [sum dL/dy, sum dL/dy * t] (t = xhat, or y for
 InPlace-ABN II) gives the global sums that dL/dx needs; dL/dweight and dL/dbias are the
 *local* sums (DistributedDataParallel sums/averages them like any other parameter gradient).
-The math is abnexp.norm.functional's, shared with the local layers.
+The math is abnexp.norm.functional's, shared with the local layers; with the native kernels
+(:mod:`abnexp.norm.native`) the local parts around the two collectives -- this rank's
+statistics, the fused normalize + affine + activation pass, the backward's sums and its dL/dx
+pass with the group's sums and count -- are the operators of the local layers (SyncABN then
+fuses the activation as ABN does and keeps x and z).
 
 The process group is looked up at every call (``process_group=None``: the default group), not
 captured at construction or import (the reference library's issue #219: its sync layer silently
@@ -26,6 +30,7 @@ compute.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -36,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from abnexp.errors import AbnexpError
 from abnexp.norm import functional as Fn
+from abnexp.norm import native
 from abnexp.norm.abn import ABN
 from abnexp.norm.activations import activate
 from abnexp.norm.checkpointed_bn import no_autocast
@@ -44,11 +50,12 @@ from abnexp.norm.inplace_abn import InPlaceABN
 _warned = False
 
 
-def gather_batch_statistics(x: Tensor, group) -> tuple[Tensor, Tensor, int]:
+def gather_batch_statistics(x: Tensor, group, use_native: bool = False) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of the batch of all ranks of ``group``.
 
     Args:
         x: this rank's input (N, C, *), N may be 0. Every rank of ``group`` must call this.
+        use_native: this rank's statistics from the native ``statistics`` operator.
     Returns:
         (mean, var) as (C,) tensors in the compute dtype (float64 for float64 input, else
         float32) and m, the number of values per channel over the group.
@@ -57,7 +64,7 @@ def gather_batch_statistics(x: Tensor, group) -> tuple[Tensor, Tensor, int]:
     """
     cdt, c, count = Fn.compute_dtype(x.dtype), x.shape[1], Fn.values_per_channel(x)
     if count > 0:
-        mean, var = Fn.batch_statistics(x)
+        mean, var = native.ops().statistics(x)[:2] if use_native else Fn.batch_statistics(x)
     else:
         mean = var = torch.zeros(c, dtype=cdt, device=x.device)
     local = torch.cat([mean.double(), var.double(),
@@ -81,32 +88,40 @@ def all_reduce_sums(a: Tensor, b: Tensor, group) -> tuple[Tensor, Tensor]:
     return both[:a.numel()], both[a.numel():]
 
 
-def _group_stats(x, running_mean, running_var, factor, eps, group):
-    mean, var, count = gather_batch_statistics(x, group)
+def _group_stats(x, running_mean, running_var, factor, eps, group, use_native):
+    mean, var, count = gather_batch_statistics(x, group, use_native)
     if running_mean is not None and running_var is not None:
         Fn.update_running_stats(running_mean, running_var, mean, var, count, factor)
     return mean, Fn.inverse_std(var, eps), count
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """y = gamma * xhat + beta with group statistics; keeps x, mean, invstd (standard BN)."""
+    """y = gamma * xhat + beta with group statistics; keeps x, mean, invstd (standard BN).
+    With ``use_native`` the activation is fused (z = phi(y)) and z is kept too."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
-                eps: float, group) -> Tensor:
+                eps: float, activation: str, param: float, use_native: bool, group) -> Tensor:
         with no_autocast(x.device.type):
-            mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group)
+            mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group,
+                                               use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device)
-            y = Fn.forward(x, mean, invstd, gamma, beta, "identity", 0.0)
-        ctx.save_for_backward(x, mean, invstd, weight, bias)
-        ctx.cfg = (count, group)
+            if use_native:
+                y = native.ops().forward(x, mean, invstd, gamma, beta, activation, param)
+            else:
+                y = Fn.forward(x, mean, invstd, gamma, beta, "identity", 0.0)
+        ctx.save_for_backward(x, mean, invstd, weight, bias, *((y,) if use_native else ()))
+        ctx.cfg = (count, group, activation, param, use_native)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: Tensor):
-        count, group = ctx.cfg
+        refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dy)  # see native.grad_writable
+        count, group, activation, param, use_native = ctx.cfg
+        if use_native:
+            return _native_sync_bn_backward(ctx, dy, refs)
         x, mean, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dy.device.type):
             xhat = Fn.normalize(x, mean, invstd, dtype=invstd.dtype)
@@ -118,7 +133,30 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                     x.dtype)
             dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx if ctx.needs_input_grad[0] else None, dw, db, None, None, None, None, None
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 8
+
+
+def _native_sync_bn_backward(ctx: Any, dz: Tensor, refs: int):
+    """The native xhat-form backward (ABN's) with the group's sums and count for dL/dx."""
+    count, group, activation, param, _ = ctx.cfg
+    x, mean, invstd, weight, bias, z = ctx.saved_tensors
+    ops = native.ops()
+    with no_autocast(dz.device.type):
+        gamma, beta = Fn.affine_params(weight, bias, x.shape[1], invstd.dtype, x.device)
+        sum_dy, sum_dy_xhat = ops.xhat_backward_reduce(x, dz, z, mean, invstd, gamma, beta,
+                                                       activation, param)
+        all_dy, all_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, group)
+        args = (z, mean, invstd, gamma, beta, all_dy, all_dy_xhat, count, True, activation, param)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if native.grad_writable(dz, refs):
+                ops.xhat_backward_elementwise_(x, dz, *args)
+                dx = dz
+            else:
+                dx = ops.xhat_backward_elementwise(x, dz, *args)
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return (dx, dw, db) + (None,) * 8
 
 
 class _InPlaceABNSyncFunction(torch.autograd.Function):
@@ -127,20 +165,29 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
-                eps: float, activation: str, param: float, variant: str, group) -> Tensor:
+                eps: float, activation: str, param: float, variant: str, use_native: bool,
+                group) -> Tensor:
         with no_autocast(x.device.type):
-            mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group)
+            mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group,
+                                               use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device, eps=eps)
-            z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
+            if use_native:
+                native.ops().forward_(x, mean, invstd, gamma, beta, activation, param)
+                z = x
+            else:
+                z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
         ctx.mark_dirty(z)
         ctx.save_for_backward(z, invstd, weight, bias)
-        ctx.cfg = (count, eps, activation, param, variant, group)
+        ctx.cfg = (count, eps, activation, param, variant, use_native, group)
         return z
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dz: Tensor):
-        count, eps, activation, param, variant, group = ctx.cfg
+        refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dz)  # see native.grad_writable
+        count, eps, activation, param, variant, use_native, group = ctx.cfg
+        if use_native:
+            return _native_inplace_sync_backward(ctx, dz, refs)
         z, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dz.device.type):
             gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
@@ -156,7 +203,32 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
                                      z.dtype)
             dw = Fn.flip_weight_grad(dgamma, weight) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 8
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 9
+
+
+def _native_inplace_sync_backward(ctx: Any, dz: Tensor, refs: int):
+    """Algorithm 2 with the native operators (InPlace-ABN's) and the group's sums and count
+    for dL/dx; dL/dweight and dL/dbias from the local sums."""
+    count, eps, activation, param, variant, _, group = ctx.cfg
+    z, invstd, weight, bias = ctx.saved_tensors
+    ops = native.ops()
+    with no_autocast(dz.device.type):
+        gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
+        sum_dy, sum_dy_t = ops.inplace_backward_reduce(z, dz, gamma, beta, activation, param,
+                                                       variant)
+        all_dy, all_dy_t = all_reduce_sums(sum_dy, sum_dy_t, group)
+        dgamma = sum_dy_t if variant == "I" else Fn.grad_gamma_y(sum_dy, sum_dy_t, gamma, beta)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            args = (invstd, gamma, beta, all_dy, all_dy_t, count, True, activation, param, variant)
+            if native.grad_writable(dz, refs):
+                ops.inplace_backward_elementwise_(z, dz, *args)
+                dx = dz
+            else:
+                dx = ops.inplace_backward_elementwise(z, dz, *args)
+        dw = Fn.flip_weight_grad(dgamma, weight) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+    return (dx, dw, db) + (None,) * 9
 
 
 class _SyncMixin:
@@ -196,9 +268,11 @@ class SyncABN(_SyncMixin, ABN):
             return super().forward(x)
         self._check_input(x)
         _, factor, running_mean, running_var = self._stats_mode()
+        use_native = native.enabled(x, self.activation, self.activation_param)
+        act = (self.activation, self.activation_param) if use_native else ("identity", 0.0)
         y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var,
-                                         factor, self.eps, group)
-        return activate(self.activation, y, self.activation_param)
+                                         factor, self.eps, *act, use_native, group)
+        return y if use_native else activate(self.activation, y, self.activation_param)
 
 
 class InPlaceABNSync(_SyncMixin, InPlaceABN):
@@ -218,7 +292,9 @@ class InPlaceABNSync(_SyncMixin, InPlaceABN):
         _, factor, running_mean, running_var = self._stats_mode()
         return _InPlaceABNSyncFunction.apply(x, self.weight, self.bias, running_mean, running_var,
                                              factor, self.eps, self.activation,
-                                             self.activation_param, self.variant, group)
+                                             self.activation_param, self.variant,
+                                             native.enabled(x, self.activation, self.activation_param),
+                                             group)
 
 
 SYNC_LAYERS = (SyncABN, InPlaceABNSync)

@@ -242,6 +242,23 @@ def test_torch_compile_without_graph_breaks():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+def test_linear_operators_pass_opcheck(layout):
+    """Schemas, fake implementations (torch.compile / torch.export) and the declared mutation of
+    the linear-form operators (MABN, CBN), by torch.library.opcheck."""
+    x = K.make_input((3, 4, 2, 5), torch.float32, layout, "cpu")
+    dz, z = K.make_input(x.shape, torch.float32, layout, "cpu", seed=2), torch.relu(x)
+    a, b, c = torch.rand(4), torch.randn(4), torch.randn(4)
+    ops = torch.ops.abnexp
+    for op, args in [(ops.linear_backward_reduce, (x, dz, None, "identity", 0.0)),
+                     (ops.linear_backward_reduce, (x, dz, z, "relu", 0.0)),
+                     (ops.linear_backward_elementwise, (x, dz, z, a, b, c, "relu", 0.0)),
+                     (ops.linear_backward_elementwise_, (x, dz.clone(), None, a, b, c, "identity", 0.0))]:
+        torch.library.opcheck(op, args)
+    with pytest.raises(RuntimeError, match="needs the saved output z"):
+        ops.linear_backward_reduce(x, dz, None, "leaky_relu", 0.1)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_torch_export(mode):
     model, x = small_model().train(mode == "train"), torch.randn(2, 3, 8, 8)
