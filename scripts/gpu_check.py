@@ -672,10 +672,11 @@ def section_memory(check: Check) -> list[str]:
               "bisecting (batch 1 cannot train: the head's pooled branch normalizes one value per channel). "
               "*kept* = bytes autograd keeps for backward per crop (abnexp.memory.SavedBytes at batch 2, on the "
               "measuring device); *peak/crop* = slope of `torch.cuda.max_memory_allocated` between the smallest and "
-              "largest batch that fit. *planner* = `abnexp memory` (kept bytes measured on the CPU at its probe crop "
-              "and scaled by pixels; largest batch on a 12 GiB device less its reserve). Paper = InPlace-ABN Table 3, "
+              "largest batch that fit. *planner* = `abnexp memory` (the whole step simulated on fake tensors on the CPU "
+              "and replayed through its caching-allocator model; largest batch on a 12 GiB device less its reserve; "
+              "*planner MiB/crop*: its allocated peak's growth per crop). Paper = InPlace-ABN Table 3, "
               "Cityscapes, crops per GPU.", "",
-              "| network | norm | max batch (measured) | paper | planner max batch | kept MiB/crop | planner kept MiB/crop "
+              "| network | norm | max batch (measured) | paper | planner max batch | kept MiB/crop | planner MiB/crop "
               "| peak MiB/crop | probes (batch: fits) |", "|---|---|---|---|---|---|---|---|---|"]
     names = dict(MEMORY_NETS + DRY_MEMORY_NETS)
     names = {v: k for k, v in names.items()}
@@ -688,7 +689,7 @@ def section_memory(check: Check) -> list[str]:
                      else r.get("measured_error", r.get("measured_status")))
         lines.append(f"| {names.get(r['model'], r['model'])} | {r['norm']} | {maxb} | {paper} | "
                      f"{p.get('max_batch', r.get('plan_error', '-'))} | {mib(m.get('kept_bytes_per_crop'))} | "
-                     f"{mib(p.get('activation_bytes_per_sample'))} | {mib(m.get('peak_bytes_per_crop'))} | {probes} |")
+                     f"{mib(p.get('per_crop_bytes'))} | {mib(m.get('peak_bytes_per_crop'))} | {probes} |")
     lines += ["", "| network | kept InPlace-ABN / BN | peak per crop InPlace-ABN / BN | max batch InPlace-ABN / BN "
               "(paper) |", "|---|---|---|---|"]
     for model, v in sorted(memory_ratios(rows).items()):

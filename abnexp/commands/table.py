@@ -1,5 +1,6 @@
 """``abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables]``: the papers' tables from runs
-(paper | ours | Δ); ``abnexp table memory [overrides]``: InPlace-ABN Table 3 by the memory planner."""
+(paper | ours | Δ) and their PNGs (loss curves; CBN Table 3's trend, abnexp.report.plots);
+``abnexp table memory [overrides]``: InPlace-ABN Table 3 by the memory planner."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,8 @@ def table_command(argv: list[str]) -> None:
         ConfigError: no run dir given, or no run with an eval.json under them.
     """
     if argv[:1] == ["memory"]:
-        print(f"wrote {memory_table(Path('results/memory.md'), argv[1:])}")
+        out = memory_table(Path("results/memory.md"), argv[1:])
+        print(f"wrote {out} and {out.with_suffix('.png')}")
         return
     out = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), "results/tables"))
     paths = [a for a in argv if not a.startswith("out=")]

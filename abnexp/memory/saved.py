@@ -1,0 +1,55 @@
+"""The bytes autograd keeps for backward (the InPlace-ABN paper's quantity, per layer).
+
+:class:`SavedBytes` records every tensor autograd saves inside its context through
+``torch.autograd.graph.saved_tensors_hooks`` and counts each distinct storage once (keyed by
+``untyped_storage().data_ptr()``): a buffer shared by two ops — z kept by InPlace-ABN and,
+as its input, by the following convolution — counts once. Parameters can be excluded, so the
+figure is the activation memory of a forward pass. (The whole training step's peak is
+:mod:`abnexp.memory.simulate`'s.)
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class SavedBytes:
+    """Context manager: ``{storage data_ptr: nbytes}`` of every tensor saved for backward.
+
+    Args:
+        exclude: tensors (e.g. ``model.parameters()``) whose storages are not counted.
+
+    Example::
+
+        with SavedBytes(exclude=model.parameters()) as saved:
+            out = model(x)
+        saved.total  # bytes kept for backward by this forward pass
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.storages: dict[int, int] = {}
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.exclude:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> "SavedBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        """Bytes of the distinct storages saved (each counted once)."""
+        return sum(self.storages.values())
+
+    def has(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage is among those saved."""
+        return t.untyped_storage().data_ptr() in self.storages
