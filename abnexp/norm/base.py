@@ -122,3 +122,31 @@ class NormActBase(nn.Module):
             state_dict[key] = torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def inference_affine(self) -> tuple[Tensor, Tensor]:
+        """The eval-mode normalization as a per-channel affine map, ``BN(x) = scale * x + shift``
+        (the activation follows), for folding into the preceding convolution (``abnexp export``).
+
+        Every subclass whose eval mode is ``F.batch_norm`` with the running statistics and ``weight``
+        as the scale (ABN, CheckpointedABN, SyncABN, MABN -- running_mean 0 --, CBN, BRN) uses this:
+        ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``.
+
+        Returns:
+            (scale, shift): (C,) float64 tensors, detached, on the layer's device.
+        Raises:
+            ValueError: track_running_stats=False (eval uses batch statistics: not an affine map).
+        """
+        if self.running_var is None:
+            raise ValueError(f"{type(self).__name__} with track_running_stats=False normalizes with batch "
+                             f"statistics in eval mode: it is not a per-channel affine map")
+        gamma = self.weight if self.weight is not None else torch.ones_like(self.running_var)
+        beta = self.bias if self.bias is not None else torch.zeros_like(self.running_var)
+        return batchnorm_affine(gamma, beta, self.running_mean, self.running_var, self.eps)
+
+
+def batchnorm_affine(gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,
+                     eps: float) -> tuple[Tensor, Tensor]:
+    """(scale, shift) of inference BatchNorm ``gamma * (x - mean) / sqrt(var + eps) + beta``, all (C,),
+    computed in float64 and detached (Ioffe & Szegedy 2015, Algorithm 2)."""
+    scale = gamma.detach().double() / (running_var.detach().double() + eps).sqrt()
+    return scale, beta.detach().double() - running_mean.detach().double() * scale

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.ops import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 from abnexp.norm.activations import activate, get_activation
+from abnexp.norm.base import batchnorm_affine
 
 
 class FrozenBatchNorm2d(_TorchvisionFrozenBN):
@@ -46,3 +47,8 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, activation={self.activation}, activation_param={self.activation_param})"
+
+    def inference_affine(self) -> tuple[Tensor, Tensor]:
+        """The fixed map ``scale * x + shift`` before the activation (as
+        :meth:`abnexp.norm.NormActBase.inference_affine`): (C,) float64 (scale, shift)."""
+        return batchnorm_affine(self.weight, self.bias, self.running_mean, self.running_var, self.eps)

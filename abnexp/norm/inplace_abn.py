@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
 from abnexp.norm import native
-from abnexp.norm.base import NormActBase
+from abnexp.norm.base import NormActBase, batchnorm_affine
 from abnexp.norm.activations import check_invertible
 from abnexp.norm.checkpointed_bn import batch_or_running_stats, no_autocast
 
@@ -182,3 +182,16 @@ class InPlaceABN(NormActBase):
         return inplace_abn(x, self.weight, self.bias, running_mean, running_var, batch_stats,
                            factor, self.eps, self.activation, self.activation_param,
                            self.variant)
+
+    def inference_affine(self) -> tuple[Tensor, Tensor]:
+        """As :meth:`NormActBase.inference_affine` with the effective scale ``gamma = |weight| + eps``
+        (InPlace-ABN §3.2, the reference library's convention); (C,) float64 (scale, shift).
+
+        Raises:
+            ValueError: track_running_stats=False.
+        """
+        if self.running_var is None:
+            return super().inference_affine()  # raises
+        gamma, beta = Fn.affine_params(self.weight, self.bias, self.num_features, torch.float64,
+                                       self.running_var.device, eps=self.eps)
+        return batchnorm_affine(gamma, beta, self.running_mean, self.running_var, self.eps)
