@@ -99,12 +99,12 @@ def coco_metrics(coco_gt, results: list[dict], iou_type: str, image_ids: list[in
 
 
 @torch.no_grad()
-def evaluate(model, loader, coco_gt, cat_ids: list[int], iou_types: tuple[str, ...], device: torch.device,
-             autocast_dtype: torch.dtype | None = None, verbose: bool = False) -> dict[str, dict]:
-    """Runs ``model`` (a torchvision detector) over ``loader`` and scores it with COCOeval.
+def detect(model, loader, cat_ids: list[int], device: torch.device,
+           autocast_dtype: torch.dtype | None = None) -> dict[int, dict[str, list]]:
+    """Runs ``model`` (a torchvision detector) over ``loader``: {image id: {"bbox": [...], ["segm": [...]]}}
+    in COCO results format (:func:`detections_to_coco`), gathered from every process.
 
-    Batches are (images, targets) tuples (:func:`abnexp.data.coco.collate`); targets carry
-    ``image_id``. Returns {iou type: {AP, AP50, AP75, APs, APm, APl} [%]} plus "num_images".
+    Batches are (images, targets) tuples (:func:`abnexp.data.coco.collate`); targets carry ``image_id``.
     """
     model.eval()
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -114,13 +114,30 @@ def evaluate(model, loader, coco_gt, cat_ids: list[int], iou_types: tuple[str, .
             outputs = model([im.to(device, non_blocking=True) for im in images])
         for out, tgt in zip(outputs, targets):
             per_image[int(tgt["image_id"])] = detections_to_coco(out, int(tgt["image_id"]), cat_ids)
-    merged = gather_detections(per_image)
+    return gather_detections(per_image)
+
+
+def results_list(merged: dict[int, dict[str, list]], iou_type: str) -> list[dict]:
+    """The detections of one IoU type of :func:`detect`'s output, by ascending image id."""
+    return [d for image_id in sorted(merged) for d in merged[image_id][iou_type]]
+
+
+def evaluate(model, loader, coco_gt, cat_ids: list[int], iou_types: tuple[str, ...], device: torch.device,
+             autocast_dtype: torch.dtype | None = None, verbose: bool = False) -> dict[str, dict]:
+    """Runs ``model`` over ``loader`` (:func:`detect`) and scores it with COCOeval.
+
+    Returns {iou type: {AP, AP50, AP75, APs, APm, APl} [%]} plus "num_images".
+    """
+    return score(detect(model, loader, cat_ids, device, autocast_dtype), coco_gt, iou_types, verbose)
+
+
+def score(merged: dict[int, dict[str, list]], coco_gt, iou_types: tuple[str, ...], verbose: bool = False) -> dict:
+    """COCOeval of :func:`detect`'s output: {iou type: {AP, ...} [%]} plus "num_images"."""
     image_ids = sorted(merged)
     metrics: dict = {}
     for iou_type in iou_types:
         if verbose:
             print(f"COCOeval {iou_type}:")
-        dets = [d for image_id in image_ids for d in merged[image_id][iou_type]]
-        metrics[iou_type] = coco_metrics(coco_gt, dets, iou_type, image_ids, verbose)
+        metrics[iou_type] = coco_metrics(coco_gt, results_list(merged, iou_type), iou_type, image_ids, verbose)
     metrics["num_images"] = len(image_ids)
     return metrics

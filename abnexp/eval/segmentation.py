@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -120,15 +119,6 @@ def overlay(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, palett
     return torch.cat(panels, dim=2).round().to(torch.uint8)
 
 
-def save_png(pred: torch.Tensor, path: Path, palette: np.ndarray | None) -> None:
-    """(H, W) train ids as a PNG: palette mode with ``palette``, else grey values = ids."""
-    img = Image.fromarray(pred.cpu().numpy().astype(np.uint8), mode="P" if palette is not None else "L")
-    if palette is not None:
-        img.putpalette(palette.reshape(-1).tolist())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
 class _Indexed(Dataset):
     def __init__(self, dataset):
         self.dataset = dataset
@@ -152,12 +142,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
              autocast_dtype: torch.dtype | None = None, channels_last: bool = False, scales=(1.0,),
              flip: bool = False, window: int = 0, overlap: float = 0.33, palette: np.ndarray | None = None,
              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), log_images: int = 0,
-             save_dir: Path | None = None, save_palette: bool = True) -> dict:
+             writer: Callable[[torch.Tensor, str], object] | None = None) -> dict:
     """Scores of ``model`` over ``loader`` (from :func:`single_image_loader`), summed over processes.
 
     Returns :func:`scores` plus "num_images", and "images": {tag: uint8 (3, h, 3w)} overlays of
-    the first ``log_images`` images of this process. With ``save_dir`` each prediction is written
-    to ``save_dir/<image stem>.png`` (palette or grey ids, see :func:`save_png`).
+    the first ``log_images`` images of this process. With ``writer`` each prediction (H, W) is passed
+    with its image's stem (:class:`abnexp.eval.submission.PredictionWriter` writes it as a PNG).
 
     Raises:
         RuntimeError: the processes together evaluated another number of images than the dataset has.
@@ -181,9 +171,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         count += 1
         if len(images) < log_images and palette is not None:
             images[f"val/overlay_{len(images)}"] = overlay(image[0], label[0], pred[0], palette, mean, std)
-        if save_dir is not None:
-            dataset = loader.dataset.dataset
-            save_png(pred[0], Path(save_dir) / f"{dataset.name(int(index))}.png", palette if save_palette else None)
+        if writer is not None:
+            writer(pred[0], loader.dataset.dataset.name(int(index)))
     all_reduce_sum(confmat)
     all_reduce_sum(count)
     if count.item() != len(loader.dataset):

@@ -8,7 +8,7 @@ from abnexp.config import TaskConfig
 from abnexp.errors import ConfigError
 from abnexp.tasks.base import RunContext, Task
 from abnexp.tasks.cls import ClassificationTask
-from abnexp.tasks.detection import DetectionTask
+from abnexp.tasks.detection import DetectionTask, DetectionTaskConfig
 from abnexp.tasks.semseg import SegmentationTask, SegmentationTaskConfig
 
 
@@ -23,7 +23,7 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "cls": TaskSpec(ClassificationTask),
     "semseg": TaskSpec(SegmentationTask, SegmentationTaskConfig),
-    "detection": TaskSpec(DetectionTask),
+    "detection": TaskSpec(DetectionTask, DetectionTaskConfig),
 }
 
 

@@ -13,15 +13,20 @@ paper's from-scratch and fine-tuning runs); ``auto`` = ``heads`` with ``model.pr
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from abnexp.data import dataset_root
 from abnexp.data.coco import AspectRatioBatchSampler, CocoDetection, collate
-from abnexp.config import choice
+from abnexp.config import TaskConfig, choice
 from abnexp.errors import ConfigError, DatasetError
-from abnexp.eval.coco import METRICS, evaluate
+from abnexp.eval.coco import METRICS, detect, results_list, score
+from abnexp.eval.submission import coco_results_file, write_coco_results
 from abnexp.models import build_model, model_options
 from abnexp.models.detection import HEADS, BackboneWithFPN, backbone_stages, build_detector
 from abnexp.models.pretrained import load_backbone
@@ -31,6 +36,14 @@ from abnexp.tasks.base import RunContext, Task
 log = logging.getLogger("abnexp")
 
 DETECTION_DATA = ("coco", "demo_coco")
+
+
+@dataclass
+class DetectionTaskConfig(TaskConfig):
+    """``task=detection``'s keys: where ``abnexp eval`` writes COCO results JSON (test-dev submission)."""
+
+    predictions_dir: Optional[str] = None  # abnexp eval: write bbox / segm results JSON (COCO results format) here
+    format_only: bool = False  # abnexp eval: only write the results JSON (no COCOeval; needs predictions_dir)
 
 
 class DetectionTask(Task):
@@ -48,6 +61,9 @@ class DetectionTask(Task):
         if cfg.data.name not in DETECTION_DATA:
             raise ConfigError(f"task=detection reads COCO-layout data: data={' or data='.join(DETECTION_DATA)}, "
                               f"not data={cfg.data.name}")
+        if cfg.task.format_only and not cfg.task.predictions_dir:
+            raise ConfigError("task.format_only=true writes COCO results JSON without evaluating: set "
+                              "task.predictions_dir=DIR")
         self.cfg = cfg
         self.masks = HEADS[cfg.head.name].masks
         self.iou_types = ("bbox", "segm") if self.masks else ("bbox",)
@@ -130,10 +146,23 @@ class DetectionTask(Task):
                    for t in targets]
         return sum(model(images, targets).values()), len(images)
 
-    def _evaluate(self, model, loader, ctx: RunContext, verbose: bool) -> dict:
-        dataset = loader.dataset
-        return evaluate(model, loader, dataset.coco, dataset.cat_ids, self.iou_types, ctx.device, ctx.amp_dtype,
-                        verbose)
+    def _evaluate(self, model, loader, ctx: RunContext, verbose: bool, write: bool = False) -> dict:
+        """COCOeval metrics; with ``write`` and task.predictions_dir, also the results JSON files
+        ({"results": {iou type: path}}), and with task.format_only only those."""
+        dataset, t = loader.dataset, self.cfg.task
+        merged = detect(model, loader, dataset.cat_ids, ctx.device, ctx.amp_dtype)
+        files = {}
+        if write and t.predictions_dir:  # every process holds every image's detections; the first writes
+            folder = Path(t.predictions_dir)
+            files = {i: str(coco_results_file(folder, dataset.split, i)) for i in self.iou_types}
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+                for i in self.iou_types:
+                    write_coco_results(results_list(merged, i), folder, dataset.split, i)
+                    log.info("wrote %d %s detections of %d images to %s", len(results_list(merged, i)), i,
+                             len(merged), files[i])
+        if write and t.format_only:
+            return {"results": files, "num_images": len(merged)}
+        return {**score(merged, dataset.coco, self.iou_types, verbose), **({"results": files} if files else {})}
 
     def validate(self, model, val_loader, ctx: RunContext) -> dict:
         """COCO AP [%] during training: {"bbox_AP", "bbox_AP50", ..., "segm_APl", "num_images"}."""
@@ -142,11 +171,15 @@ class DetectionTask(Task):
         return {**flat, "num_images": results["num_images"]}
 
     def evaluate_protocols(self, model, ctx: RunContext, make_loader) -> dict:
-        """COCOeval of the val split (tables printed): {"bbox": {AP, ...}, ["segm": {...}], "num_images"}."""
-        return self._evaluate(model, make_loader(self._split("val"), False), ctx, verbose=True)
+        """COCOeval of the val split (tables printed): {"bbox": {AP, ...}, ["segm": {...}], "num_images"}, and
+        "results": {iou type: JSON path} with task.predictions_dir (only those with task.format_only)."""
+        return self._evaluate(model, make_loader(self._split("val"), False), ctx, verbose=True, write=True)
 
     def format_table(self, results: dict) -> str:
         """Markdown table of ``evaluate_protocols``' results."""
+        if "bbox" not in results:  # task.format_only
+            return "\n".join([f"{t}: {path}" for t, path in results["results"].items()]
+                             + [f"{results['num_images']} images (format_only: not evaluated)"])
         lines = [f"| IoU type | {' | '.join(METRICS)} |", "|---" * (len(METRICS) + 1) + "|"]
         for t in self.iou_types:
             lines.append(f"| {t} | " + " | ".join(f"{results[t][k]:.2f}" for k in METRICS) + " |")

@@ -15,14 +15,12 @@ from abnexp.data.segmentation import (IGNORE_INDEX, SEGMENTATION, EvalTransform,
 from abnexp.config import TaskConfig
 from abnexp.errors import ConfigError
 from abnexp.eval.segmentation import evaluate, single_image_loader
+from abnexp.eval.submission import PredictionWriter, check_format
 from abnexp.models import build_model, model_options
 from abnexp.models.deeplab import DeepLabV3
 from abnexp.models.pretrained import load_backbone
 from abnexp.norm import build_norm_act
 from abnexp.tasks.base import RunContext, Task
-
-PREDICTION_FORMATS = ("palette", "ids")
-
 
 @dataclass
 class SegmentationTaskConfig(TaskConfig):
@@ -35,7 +33,7 @@ class SegmentationTaskConfig(TaskConfig):
     eval_window: int = 0  # sliding-window inference with this square window [pixels]; 0 = whole image
     eval_overlap: float = 0.33  # fraction of the window shared by neighbouring windows
     predictions_dir: Optional[str] = None  # abnexp eval: write one PNG per image and protocol here
-    predictions_format: str = "palette"  # palette (colour PNG) | ids (train ids as grey values)
+    predictions_format: str = "palette"  # palette | ids | cityscapes | vistas (abnexp.eval.submission)
     log_images: int = 4  # validation images written to TensorBoard with prediction / ground-truth overlays
 
 
@@ -66,8 +64,10 @@ class SegmentationTask(Task):
         if not 0 <= t.eval_overlap < 1 or t.eval_window < 0:
             raise ConfigError(f"task.eval_window={t.eval_window}, task.eval_overlap={t.eval_overlap}: expected a "
                               f"window >= 0 (0 = whole image) and an overlap in [0, 1)")
-        if t.predictions_format not in PREDICTION_FORMATS:
-            raise ConfigError(f"task.predictions_format={t.predictions_format!r}; valid: {', '.join(PREDICTION_FORMATS)}")
+        try:
+            check_format(t.predictions_format, d.name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def build_model(self) -> nn.Module:
         """DeepLabV3 on the configured backbone (its classifier dropped), with the backbone
@@ -86,7 +86,7 @@ class SegmentationTask(Task):
                 if not Path(m.pretrained).expanduser().is_file():
                     raise ConfigError(
                         f"model.pretrained={m.pretrained} does not exist: give an `abnexp train` checkpoint "
-                        f"(<run dir>/checkpoints/last.pt); to resume or evaluate a run whose pretrained file has "
+                        f"(<run dir>/checkpoints/last.pt) or a weight file (README, Pretrained weights); to resume or evaluate a run whose pretrained file has "
                         f"moved, add model.pretrained=null (the run's own checkpoint holds every weight)")
                 load_backbone(model.backbone, m.pretrained, strict=False)
         except ValueError as e:
@@ -125,7 +125,8 @@ class SegmentationTask(Task):
     def evaluate_protocols(self, model, ctx: RunContext, make_loader) -> dict:
         """{"single_scale": ..., "multi_scale_flip" (or "multi_scale"): ...}, each {"miou", "pixel_acc",
         "mean_acc" [%], "iou": {class: % or None}, "num_images", "num_pixels", "scales", "flip", "window"}.
-        With task.predictions_dir, PNGs go to <predictions_dir>/<protocol>/<image>.png."""
+        With task.predictions_dir, PNGs go to <predictions_dir>/<protocol>/<image stem>.png in
+        task.predictions_format (:mod:`abnexp.eval.submission`)."""
         d, t = self.cfg.data, self.cfg.task
         val = SegmentationDataset(self.spec, self._root(), "val", EvalTransform(d.long_side, d.mean, d.std))
         loader = make_loader(val, False)
@@ -134,9 +135,9 @@ class SegmentationTask(Task):
             protocols["multi_scale_flip" if t.eval_flip else "multi_scale"] = (tuple(t.eval_scales), t.eval_flip)
         results = {}
         for name, (scales, flip) in protocols.items():
-            save = Path(t.predictions_dir) / name if t.predictions_dir else None
-            r = self._evaluate(model, loader, ctx, scales, flip, save_dir=save,
-                               save_palette=t.predictions_format == "palette")
+            writer = (PredictionWriter(Path(t.predictions_dir) / name, t.predictions_format, self.spec)
+                      if t.predictions_dir else None)
+            r = self._evaluate(model, loader, ctx, scales, flip, writer=writer)
             r.pop("images")
             results[name] = {**r, "scales": list(scales), "flip": flip, "window": t.eval_window}
         return results

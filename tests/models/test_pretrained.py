@@ -148,7 +148,7 @@ def test_unusable_files_raise(tmp_path, resnet18_state):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot be read"):
         load_backbone(body(), tmp_path / "junk.pt", strict=False)
-    torch.save(resnet18_state, tmp_path / "bare.pt")  # a bare state dict: no model / config entries
+    torch.save({"weights": resnet18_state, "epoch": 1}, tmp_path / "bare.pt")  # neither checkpoint nor state dict
     with pytest.raises(ValueError, match="not an abnexp checkpoint"):
         load_backbone(body(), tmp_path / "bare.pt", strict=False)
     torch.save({"model": resnet18_state, "config": "seed: 0\n"}, tmp_path / "noname.pt")
