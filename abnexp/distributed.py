@@ -1,11 +1,15 @@
-"""torch.distributed basics, read from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+"""torch.distributed basics: this process's rank, world size and local rank, read from the
+environment of whatever started it (:data:`STARTERS`: torchrun, else a submitit job, e.g. one
+task of ``abnexp train -m hydra/launcher=submitit_slurm``).
 
-Without those variables everything runs as a single process (rank 0 of 1).
+Without either, everything runs as a single process (rank 0 of 1).
 """
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -18,6 +22,8 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    started_by: str | None = None
+    """The :data:`STARTERS` entry the values come from ("torchrun", "submitit"); None: one process."""
 
     @property
     def is_main(self) -> bool:
@@ -28,28 +34,76 @@ class DistEnv:
         return self.world_size > 1
 
 
+def _torchrun_env() -> DistEnv | None:
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK (also set by ``srun torchrun ...``)."""
+    if "RANK" not in os.environ:
+        return None
+    return DistEnv(int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)), "torchrun")
+
+
+def _submitit_env() -> DistEnv | None:
+    """A task of a submitit job (SUBMITIT_EXECUTOR is set in it: slurm or local): its global rank,
+    number of tasks and local rank, from submitit's JobEnvironment (on SLURM: SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit
+
+    job = submitit.JobEnvironment()
+    return DistEnv(job.global_rank, job.num_tasks, job.local_rank, "submitit")
+
+
+STARTERS: dict[str, Callable[[], DistEnv | None]] = {"torchrun": _torchrun_env, "submitit": _submitit_env}
+"""Where the rank comes from, in order of precedence: torchrun's variables win over a submitit
+job's (``srun torchrun`` inside a job; an ``abnexp train launcher.nproc_per_node=N`` worker)."""
+
+
 def dist_env() -> DistEnv:
-    """This process's rank, world size and local rank from torchrun's environment variables."""
-    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    """This process's rank, world size and local rank: from the first of :data:`STARTERS` whose
+    environment is present, else rank 0 of 1."""
+    for read in STARTERS.values():
+        env = read()
+        if env is not None:
+            return env
+    return DistEnv()
+
+
+def preemption_signal() -> int | None:
+    """The signal submitit sends before a job's time limit (and on ``job._interrupt()``) when this
+    process is a submitit task: SIGUSR2 by default, ``$SUBMITIT_PREEMPT_SIGNAL`` to change it
+    (submitit.JobEnvironment.USR_SIG); None outside submitit."""
+    if dist_env().started_by != "submitit":
+        return None
+    import submitit
+
+    return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
 
 
 def init_distributed() -> DistEnv:
-    """Initializes the default process group when launched by torchrun with WORLD_SIZE > 1;
-    a no-op for a single process or when it is already initialized.
+    """Initializes the default process group when the world size is > 1 (torchrun or a
+    submitit job); a no-op for a single process or when it is already initialized.
 
     The backend does not depend on the configured device, so the group can exist before the
     config is known (abnexp.commands.launch hands rank 0's config over it): with CUDA,
     "cpu:gloo,cuda:nccl" (nccl for CUDA tensors, gloo for CPU tensors) after selecting the
-    GPU LOCAL_RANK; without CUDA, gloo. Rendezvous comes from torchrun's MASTER_ADDR/PORT.
+    GPU LOCAL_RANK; without CUDA, gloo. Rendezvous: torchrun's MASTER_ADDR/PORT; in a submitit
+    job, unless set already, the job's first host and a port derived from the job id
+    (submitit.helpers.TorchDistributedEnvironment, the same on every task).
     """
     env = dist_env()
     if env.distributed and not dist.is_initialized():
+        if env.started_by == "submitit":
+            import submitit.helpers
+
+            rendezvous = submitit.helpers.TorchDistributedEnvironment()
+            os.environ.setdefault("MASTER_ADDR", rendezvous.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(rendezvous.master_port))
         if torch.cuda.is_available() and env.local_rank < torch.cuda.device_count():
             torch.cuda.set_device(env.local_rank)
-            dist.init_process_group("cpu:gloo,cuda:nccl")
+            dist.init_process_group("cpu:gloo,cuda:nccl", rank=env.rank, world_size=env.world_size)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
     return env
 
 

@@ -1,16 +1,40 @@
 """``abnexp train [overrides]``: Hydra's main on the packaged config tree (configs/, shipped as
 abnexp.configs): one run dir per job, ``-m`` sweeps, ``--cfg job``; under torchrun only rank 0
-composes (:mod:`abnexp.commands.launch`)."""
+composes (:mod:`abnexp.commands.launch`); with ``-m hydra/launcher=submitit_slurm|submitit_local``
+every task of a sweep job's submitit job composes it alike and trains it (:func:`_submitit_task`)."""
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 from hydra.core.hydra_config import HydraConfig
 
-from abnexp.commands.launch import launch, run_ranks, run_training, share_job
+from abnexp.commands.launch import configure_logging, launch, run_ranks, run_training, share_job
 from abnexp.config import compose, register_configs, validate
-from abnexp.distributed import dist_env
+from abnexp.distributed import DistEnv, destroy_distributed, dist_env
 from abnexp.errors import AbnexpError, exit_with
+
+log = logging.getLogger("abnexp")
+
+# configs/hydra/launcher/submitit_{slurm,local}.yaml replace the plugin's options of the same name on
+# purpose: Hydra validates them against the plugin's schema, and warns that it does. At import, so that
+# it applies in the submitit tasks too (they import this module to unpickle the task function).
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_\w+' is validated against ConfigStore")
+
+
+def _submitit_task(cfg, run_dir, env: DistEnv) -> dict:
+    """One task of a submitit job (``hydra/launcher=submitit_slurm`` / ``submitit_local``): the
+    launcher ran Hydra's job in every task, alike (same overrides, same sweep dir), so each task
+    trains it, rank and rendezvous from submitit's environment (abnexp.distributed); tasks > 0 log
+    warnings only (Hydra set up their logging to the same train.log)."""
+    if env.rank:
+        configure_logging(env.rank)
+    log.info("submitit job: world size %d (one training process per task)", env.world_size)
+    try:
+        return run_training(cfg, run_dir)
+    finally:
+        destroy_distributed()
 
 
 def _train_main(cfg) -> float | None:
@@ -19,7 +43,10 @@ def _train_main(cfg) -> float | None:
         validate(cfg)
     except AbnexpError as e:
         exit_with(e)
-    if dist_env().distributed:  # rank 0 under torchrun: the other ranks train the config it sends
+    env = dist_env()
+    if env.distributed and env.started_by == "submitit":  # every task of the job composed this job
+        metrics = _submitit_task(cfg, run_dir, env)
+    elif env.distributed:  # rank 0 under torchrun: the other ranks train the config it sends
         metrics = share_job(cfg, run_dir, run_training)
     elif cfg.launcher.nproc_per_node != 1:  # abnexp starts torchrun itself
         try:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from abnexp.distributed import preemption_signal
 from abnexp.errors import ConfigError
 from abnexp.models.pretrained import read_checkpoint
 
@@ -195,10 +196,14 @@ class Checkpoints:
 
 
 class PreemptionSignals:
-    """Context manager: while active, SIGTERM and SIGUSR1 (what SLURM and submitit send before
-    preemption) only record the signal in :attr:`received` (the trainer checks it after each
-    optimizer step); the previous handlers are restored on exit. Outside the main thread (where
-    Python cannot install handlers) it does nothing."""
+    """Context manager: while active, SIGTERM and SIGUSR1 (what SLURM sends before preemption) and,
+    in a submitit job, submitit's time-out signal (SIGUSR2, :func:`abnexp.distributed.preemption_signal`)
+    only record the signal in :attr:`received` (the trainer checks it after each optimizer step,
+    checkpoints and exits). On exit the previous handlers are restored and, when the trainer leaves
+    after a signal (SystemExit) whose previous handler is a Python function, that handler is called:
+    in a submitit job that is submitit's checkpoint protocol (task 0 pickles the job again through
+    the Hydra launcher's ``checkpoint`` and requeues it; the requeued job resumes from the run dir's
+    checkpoint). Outside the main thread (where Python cannot install handlers) it does nothing."""
 
     def __init__(self):
         self.received: int | None = None
@@ -209,14 +214,19 @@ class PreemptionSignals:
 
     def __enter__(self) -> "PreemptionSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig in PREEMPTION_SIGNALS:
+            for sig in {*PREEMPTION_SIGNALS, preemption_signal()} - {None}:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        previous = self._previous.get(self.received)
         self._previous.clear()
+        # left by the trainer's preemption exit (SystemExit), to a handler that is a Python function
+        # (not SIG_DFL / SIG_IGN, which are ints, nor None: set outside Python)
+        if isinstance(exc[1], SystemExit) and callable(previous):
+            previous(self.received, None)
 
 
 def rng_state() -> dict:

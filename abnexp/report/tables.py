@@ -4,7 +4,10 @@ A run is a folder holding ``config.yaml`` (written by ``abnexp train``) and ``ev
 (written by ``abnexp eval``). Runs whose config has ``experiment.table`` fill the cells of
 that paper table (several runs of one cell — seeds — are averaged, and their count shown);
 the others are listed in a plain table, and the paper's numbers (abnexp.report.paper_tables) go
-beside ours. Output per table: ``<key>.md`` and ``<key>.csv``.
+beside ours. Output per table: ``<key>.md`` and ``<key>.csv``, and its pictures
+(abnexp.report.plots): ``<key>_trend.png`` where the paper draws the table as a trend (CBN
+Table 3), ``<key>_loss.png`` with the training loss curves of the table's runs (``runs_loss.png``
+for the runs of no table).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from omegaconf import OmegaConf
 
 from abnexp.errors import ConfigError
 from abnexp.report.paper_tables import TABLES, PaperTable, paper_values
+from abnexp.report.plots import write_figures
 
 MISSING = "—"
 
@@ -70,6 +74,21 @@ def collect(runs: list[Path]) -> tuple[dict, list[dict]]:
     return cells, plain
 
 
+def labelled_runs(runs: list[Path]) -> dict[str, list[tuple[str, Path]]]:
+    """{table key, or "runs" for runs of no table: [(legend label, run dir)]}: a table's runs are
+    labelled by their row (and column) and seed, the others by model, norm and run dir name."""
+    out: dict[str, list[tuple[str, Path]]] = defaultdict(list)
+    for run in runs:
+        cfg = OmegaConf.load(run / "config.yaml")
+        exp = cfg.get("experiment")
+        if exp is not None and exp.get("table") in TABLES:
+            cell = " / ".join(str(v) for v in (exp.row, exp.get("column")) if v)
+            out[exp.table].append((f"{cell}, seed {cfg.seed}", run))
+        else:
+            out["runs"].append((f"{cfg.model.name}-{cfg.norm.name} ({run.name})", run))
+    return out
+
+
 def _headline(result: dict) -> dict:
     """A few headline numbers of any eval.json for the plain table."""
     out = {}
@@ -105,15 +124,18 @@ def render(table: PaperTable, paper: dict, ours: dict) -> tuple[str, list[list[s
 
 
 def write_tables(paths: list[str], out_dir: Path) -> list[Path]:
-    """Writes ``<table>.md``/``.csv`` for every paper table with at least one run, and
-    ``runs.md`` for runs that reproduce no table row; returns the files written. The paper's
+    """Writes ``<table>.md``/``.csv`` (and its PNGs, :func:`abnexp.report.plots.write_figures`) for
+    every paper table with at least one run, and ``runs.md`` (and ``runs_loss.png``) for runs that
+    reproduce no table row; returns the files written. The paper's
     numbers come from :data:`abnexp.report.paper_tables.TABLES`.
 
     Raises:
         ConfigError: a path does not exist.
     """
-    cells, plain = collect(find_runs(paths))
+    runs = find_runs(paths)
+    cells, plain = collect(runs)
     paper = paper_values()
+    figure_runs = labelled_runs(runs)
     if cells or plain:
         out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -125,10 +147,12 @@ def write_tables(paths: list[str], out_dir: Path) -> list[Path]:
         with open(out_dir / f"{table.key}.csv", "w", newline="") as f:
             csv.writer(f).writerows(rows)
         written += [out_dir / f"{table.key}.md", out_dir / f"{table.key}.csv"]
+        written += write_figures(table.key, paper, cells, figure_runs.get(table.key, []), out_dir)
     if plain:
         keys = list(dict.fromkeys(k for r in plain for k in r))
         lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(str(r.get(k, MISSING)) for k in keys) + " |" for r in plain]
         (out_dir / "runs.md").write_text("## Runs that reproduce no paper table row\n\n" + "\n".join(lines) + "\n")
         written.append(out_dir / "runs.md")
+        written += write_figures("runs", paper, cells, figure_runs.get("runs", []), out_dir)
     return written
