@@ -4,10 +4,13 @@ data, each extending :class:`abnexp.config.DataConfig` -- so a key of another ki
 (``data=demo data.scale_range=...``) fails at composition; the task decides the transforms."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
+
+from torch.utils.data import Subset
 
 from abnexp.config import DataConfig
 
@@ -57,6 +60,7 @@ class ClassificationData(DataConfig):
     color_jitter: float = 0.4
     lighting: float = 0.1  # AlexNet-style PCA lighting noise standard deviation
     min_scale: float = 0.08  # RandomResizedCrop lower area bound
+    holdout: float = 0.0  # > 0: validate on this fraction of each class of the train split, train on the rest
 
 
 @dataclass
@@ -119,16 +123,39 @@ def dataset_root(name: str, root: str | None) -> Path:
 def classification_sets(data_cfg) -> tuple:
     """(train, val) ImageFolder datasets of ``data_cfg`` with the recipe's transforms.
 
-    Samples are (float32 tensor (3, crop, crop), int label).
+    Samples are (float32 tensor (3, crop, crop), int label). ``data_cfg.holdout`` = f > 0 holds out
+    the last ceil(f * n_c) images (in file-name order) of each class c of the *train* split as the
+    validation set (evaluation transform) and trains on the others, for choosing hyper-parameters
+    without touching the val split; 0 = the val split.
     """
     root = dataset_root(data_cfg.name, data_cfg.root)
     train = image_folder(root, "train", train_transform(
         data_cfg.crop_size, data_cfg.mean, data_cfg.std, data_cfg.color_jitter, data_cfg.lighting,
         data_cfg.min_scale), data_cfg.num_classes)
-    val = image_folder(root, "val", eval_transform(data_cfg.crop_size, data_cfg.mean, data_cfg.std,
-                                                   data_cfg.resize_ratio), data_cfg.num_classes)
-    return train, val
+    tf = eval_transform(data_cfg.crop_size, data_cfg.mean, data_cfg.std, data_cfg.resize_ratio)
+    holdout = data_cfg.get("holdout", 0.0)
+    if not holdout:
+        return train, image_folder(root, "val", tf, data_cfg.num_classes)
+    held = holdout_indices(train.targets, holdout)
+    kept = [i for i in range(len(train)) if i not in held]
+    return Subset(train, kept), Subset(image_folder(root, "train", tf, data_cfg.num_classes), sorted(held))
+
+
+def holdout_indices(targets: list[int], fraction: float) -> set[int]:
+    """Indices of the last ceil(``fraction`` * n_c) samples of each class c (``targets`` in dataset
+    order, as ImageFolder's sorted files); raises DatasetError if a class would keep no sample."""
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(targets):
+        by_class.setdefault(c, []).append(i)
+    held: set[int] = set()
+    for c, idx in by_class.items():
+        n = math.ceil(fraction * len(idx))
+        if n >= len(idx):
+            raise DatasetError(f"data.holdout={fraction} leaves no training image of class {c} ({len(idx)} "
+                               f"images); choose a smaller fraction")
+        held.update(idx[len(idx) - n:])
+    return held
 
 
 __all__ = ["DATASETS", "DatasetSpec", "ClassificationData", "SegmentationData", "DetectionData", "AbnexpError", "ConfigError", "DatasetError", "dataset_root",
-           "classification_sets", "eval_transform", "train_transform", "image_folder"]
+           "classification_sets", "holdout_indices", "eval_transform", "train_transform", "image_folder"]
