@@ -44,6 +44,10 @@ class SchedName(str, Enum):
     cosine = "cosine"
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes, for trainer.compile_mode (reduce-overhead uses CUDA graphs: GPU only)."""
+
+
 class NormPlacement(str, Enum):
     """Where task=detection puts norm= (CBN paper, Table 5): ``heads`` = frozen BN in the backbone,
     the norm in FPN + heads; ``everywhere``; ``auto`` = heads with model.pretrained, else everywhere."""
@@ -148,6 +152,8 @@ class TrainerConfig:
     checkpoint_every: int = 0  # optimizer steps between step checkpoints (checkpoints/step_<N>.pt); 0 = epoch ends only
     checkpoint_minutes: float = 0.0  # also a step checkpoint once this many minutes passed since the last one; 0 = off
     keep_last: int = 2  # step checkpoints kept beside last.pt (older ones are deleted); >= 1
+    compile: bool = False  # torch.compile the model (checkpoints hold the plain module's keys either way)
+    compile_mode: str = "default"  # torch.compile's mode: one of COMPILE_MODES
 
 
 @dataclass
@@ -175,14 +181,13 @@ class LauncherConfig:
 class MemoryConfig:
     """``abnexp memory``: what fits in one device (InPlace-ABN's fixed-crop / fixed-batch regimes)."""
 
-    device_gb: float = 12.0  # GiB of one device (the paper's Titan Xp: 12)
-    reserved_gb: float = 0.5  # GiB not available to tensors (CUDA context, allocator slack)
+    device: str = "titan_xp"  # a GPU of abnexp.memory.DEVICES (titan_xp: the InPlace-ABN paper's 12 GB cards)
+    device_gb: float = 0.0  # GiB of one device; 0 = memory.device's memory
+    reserved_gb: float = 0.5  # GiB no tensor of the step owns (CUDA context, cuDNN/cuBLAS workspaces)
     crop: int = 0  # square input side in pixels for max_batch; 0 = data.crop_size
     batch: int = 0  # per-device batch for max_crop; 0 = data.batch_size
-    probe_crop: int = 256  # measure at this side (cheap) and scale by the pixel count
-    probe_batch: int = 2
     json: Optional[str] = None  # write the figures as JSON to this path
-    measure: bool = False  # on a GPU: find max_batch by real allocation (binary search)
+    measure: bool = False  # on a GPU: also find max_batch by real allocation (binary search)
 
 
 @dataclass
@@ -328,8 +333,9 @@ RANGES: dict[str, tuple] = {
     "data.epochs": _at_least(1), "data.crop_size": _at_least(1), "data.large_crop_size": _at_least(1),
     "data.resize_ratio": ((lambda v: 0 < v <= 1), "in (0, 1]"), "data.min_scale": ((lambda v: 0 < v <= 1), "in (0, 1]"),
     "data.color_jitter": _at_least(0), "data.lighting": _at_least(0), "data.long_side": _at_least(0),
-    "data.class_uniform": _within(0, 1, closed_high=True), "data.min_size": _at_least(1), "data.max_size": _at_least(1),
+    "data.class_uniform": _within(0, 1, closed_high=True), "data.holdout": _within(0, 1), "data.min_size": _at_least(1), "data.max_size": _at_least(1),
     "model.output_stride": ((lambda v: v in (8, 16, 32)), "one of 8, 16, 32"),
+    "trainer.compile_mode": ((lambda v: v in COMPILE_MODES), "one of " + ", ".join(COMPILE_MODES)),
     "norm.eps": _above(0), "norm.momentum": ((lambda v: v is None or 0 < v <= 1), "in (0, 1] or null"),
     "norm.group_size": _at_least(0), "norm.buffer_size": _at_least(1), "norm.warmup_iters": _at_least(0),
     "norm.window": _at_least(1), "norm.burnin_iters": _at_least(0), "norm.r_max": _at_least(1),
@@ -342,8 +348,8 @@ RANGES: dict[str, tuple] = {
     "trainer.eval_every": _at_least(1), "trainer.grad_clip": _at_least(0), "trainer.label_smoothing": _within(0, 1),
     "trainer.checkpoint_every": _at_least(0), "trainer.checkpoint_minutes": _at_least(0), "trainer.keep_last": _at_least(1),
     "launcher.nproc_per_node": _at_least(1), "launcher.sync_group_size": _at_least(0),
-    "memory.device_gb": _above(0), "memory.reserved_gb": _at_least(0), "memory.crop": _at_least(0),
-    "memory.batch": _at_least(0), "memory.probe_crop": _at_least(1), "memory.probe_batch": _at_least(1),
+    "memory.device_gb": _at_least(0), "memory.reserved_gb": _at_least(0), "memory.crop": _at_least(0),
+    "memory.batch": _at_least(0),
 }
 """config key -> (check, valid range as written in the error); keys an option does not have are skipped."""
 

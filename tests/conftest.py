@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,18 @@ def demo_root(demo_cache):
     from abnexp.data.demo import ensure_demo
 
     return ensure_demo()
+
+
+@pytest.fixture(scope="session")
+def tiny_root(demo_root, tmp_path_factory) -> Path:
+    """The demo data cut to 4 training and 2 validation images per class (40 and 20 images)."""
+    root = tmp_path_factory.mktemp("tiny_demo")
+    for split, n in (("train", 4), ("val", 2)):
+        for folder in sorted((demo_root / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:n]:
+                shutil.copy(image, root / split / folder.name / image.name)
+    return root
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:

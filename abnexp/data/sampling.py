@@ -3,6 +3,7 @@ of workers, and an exact continuation when a run resumes mid-epoch.
 
 - :class:`SeededDataset` draws the random augmentation of sample ``i`` in epoch ``e`` from a
   torch RNG seeded with (seed, e, i), so augmentation does not depend on worker assignment.
+- :class:`EpochBatches` tags each index of a batch with the epoch, the key SeededDataset takes.
 - :class:`ResumableSampler` wraps torch's DistributedSampler (a shuffled permutation seeded by
   seed + epoch, sharded over ranks) and can start an epoch at an offset.
 - :class:`ShardSampler` splits an evaluation set over ranks without DistributedSampler's
@@ -17,21 +18,24 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 class SeededDataset(Dataset):
-    """``dataset[i]`` computed under ``torch.manual_seed(f(seed, epoch, i))``; global RNG untouched."""
+    """``dataset[(e, i)]`` is ``dataset[i]`` computed under ``torch.manual_seed(f(seed, e, i))``: the
+    augmentation of sample ``i`` in epoch ``e``, whichever worker draws it; global RNG untouched.
+
+    The epoch travels with the index (:class:`EpochBatches` tags each index with it) rather than
+    living in the dataset, so persistent DataLoader workers, which keep their copy of the dataset
+    from one epoch to the next, still see each epoch's augmentation.
+    """
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int):
-        sample_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed % (2**63))
             return self.dataset[index]
@@ -44,17 +48,36 @@ class ResumableSampler(Sampler):
         self.sampler = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
                                           seed=seed, drop_last=False)
         self.start = 0
+        self.epoch = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Selects the epoch's permutation; ``start`` samples (of this rank) are skipped."""
         self.sampler.set_epoch(epoch)
         self.start = start
+        self.epoch = epoch
 
     def __iter__(self):
         return itertools.islice(iter(self.sampler), self.start, None)
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.start, 0)
+
+
+class EpochBatches(Sampler):
+    """The batches of ``batches`` (lists of dataset indices drawn from ``sampler``) with each index
+    tagged by ``sampler``'s current epoch, ``[(epoch, i), ...]``: the keys of a :class:`SeededDataset`."""
+
+    def __init__(self, batches: Sampler[list[int]], sampler: ResumableSampler):
+        self.batches = batches
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for batch in self.batches:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class ShardSampler(Sampler):

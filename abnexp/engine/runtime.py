@@ -50,5 +50,6 @@ def make_eval_loader(dataset, cfg, ten_crop: bool = False, env: DistEnv = DistEn
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel (or ``model`` itself)."""
+    """The model inside torch.compile's wrapper and DistributedDataParallel (or ``model`` itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule keeps the module there
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model

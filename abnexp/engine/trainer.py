@@ -13,6 +13,8 @@ validation shards that count every sample once, and only rank 0 logging and chec
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import time
 from contextlib import closing, nullcontext
@@ -22,11 +24,11 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from abnexp.data.sampling import ResumableSampler, SeededDataset
+from abnexp.data.sampling import EpochBatches, ResumableSampler, SeededDataset
 from abnexp.engine.checkpoint import (EXIT_PREEMPTED, Checkpoints, PreemptionSignals, check_checkpoint_settings,
                                       find_resume, rng_state, set_rng_state)
 from abnexp.distributed import all_reduce_sum, init_distributed, sync_group
-from abnexp.engine.logging import RunLogger, peak_memory_bytes
+from abnexp.engine.logging import RunLogger, peak_memory_bytes, run_hparams
 from abnexp.engine.optim import EpochLR, build_optimizer
 from abnexp.engine.runtime import make_eval_loader, run_context, unwrap
 from abnexp.errors import AbnexpError, ConfigError
@@ -77,11 +79,14 @@ def train(cfg, run_dir: str | Path) -> dict:
     # resumable sampler (detection: aspect-ratio grouping)
     collate_fn = task.collate_fn
     batch_sampler = task.train_batch_sampler(sampler, batch_size)
-    # generator: starting an epoch's iterator draws the workers' base seed from it, not from the global
-    # RNG that training consumes (detection's RPN / RoI sampling), so a mid-epoch resume stays exact
-    # (SeededDataset seeds every sample itself, so the workers' seeds do not matter)
-    loader = DataLoader(train_set, batch_sampler=batch_sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=device.type == "cuda", collate_fn=collate_fn, generator=torch.Generator())
+    # generator: starting the workers draws their base seed from it, not from the global RNG that
+    # training consumes (detection's RPN / RoI sampling), so a mid-epoch resume stays exact
+    # (SeededDataset seeds every sample itself, so the workers' seeds do not matter). Persistent
+    # workers: started once, not at every epoch; the epoch reaches them with each index (EpochBatches).
+    workers = cfg.data.num_workers
+    loader = DataLoader(train_set, batch_sampler=EpochBatches(batch_sampler, sampler), num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_fn,
+                        generator=torch.Generator())
     val_loader = make_eval_loader(val_set, cfg, env=env, collate_fn=collate_fn)
     optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size)
     scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
@@ -91,6 +96,11 @@ def train(cfg, run_dir: str | Path) -> dict:
     epoch, step, metrics, best = 0, 0, {}, None
     found = find_resume(cfg.resume, run_dir)
     resume_from = found[0] if found else None
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restarts and found is None:
+        log.warning("torchrun restarted the workers (restart %d) but %s holds no checkpoint: training starts "
+                    "from scratch. Give hydra.run.dir explicitly (the default has a timestamp) and "
+                    "trainer.checkpoint_every or trainer.checkpoint_minutes, so a restart resumes", restarts, run_dir)
     if found is not None:
         state = found[1]
         model.load_state_dict(state["model"])
@@ -107,6 +117,8 @@ def train(cfg, run_dir: str | Path) -> dict:
     if env.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:  # after DDP, as PyTorch's DDP + torch.compile notes advise
+        model = torch.compile(model, mode=cfg.trainer.compile_mode)
 
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +131,27 @@ def train(cfg, run_dir: str | Path) -> dict:
     ckpts = Checkpoints(run_dir / "checkpoints", t.checkpoint_every, t.checkpoint_minutes, t.keep_last,
                         env.is_main, best)
 
+    # the losses since the last check, summed on the device: a non-finite loss poisons the sum, which
+    # is read (one host synchronization) at each log line and before each checkpoint, not every step
+    window = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0, "images": 0,
+              "since": step}
+
+    def window_mean_loss() -> float:
+        """The global batch's mean loss over the window (a collective); raises TrainingDiverged if any
+        rank's loss was not finite in it, before anything is saved."""
+        mean = all_reduce_sum(window["loss"] / max(window["steps"], 1)).item() / env.world_size
+        if not math.isfinite(mean):
+            raise TrainingDiverged(
+                f"the loss became {mean} between steps {window['since'] + 1} and {step} (epoch {epoch}): training "
+                f"stopped. The last good checkpoint ({ckpts.latest or resume_from or 'none written yet'}) is "
+                f"intact. Lower optim.lr, set trainer.grad_clip, or use amp=none.")
+        return mean
+
+    def reset_window() -> None:
+        window.update(loss=torch.zeros_like(window["loss"]), steps=0, images=0, since=step)
+
     def checkpoint(step_file: bool = False, is_best: bool = False) -> None:
+        window_mean_loss()  # never save a model a non-finite loss has updated
         check_running_stats_synchronized(unwrap(model))  # on every rank: a collective
         state = {} if not env.is_main else {
             "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -129,10 +161,11 @@ def train(cfg, run_dir: str | Path) -> dict:
         ckpts.write(state, step_file=step_file, best=is_best)
 
     def on_any_rank(*flags: bool) -> list[bool]:
-        """``flags`` or-ed over the ranks (every rank must take the same branch around collectives)."""
+        """``flags`` or-ed over the ranks (every rank must take the same branch around collectives);
+        a CPU tensor (gloo), so the vote does not wait for the GPU."""
         if not env.distributed:
             return list(flags)
-        votes = all_reduce_sum(torch.tensor([int(f) for f in flags], device=device))
+        votes = all_reduce_sum(torch.tensor([int(f) for f in flags]))
         return [bool(v) for v in votes.tolist()]
 
     def exit_preempted() -> None:
@@ -149,9 +182,9 @@ def train(cfg, run_dir: str | Path) -> dict:
         while not finished():
             model.train()
             done_in_epoch = step - epoch * steps_per_epoch
-            train_set.set_epoch(epoch)
             sampler.set_epoch(epoch, start=done_in_epoch * batch_size)
-            window_loss, window_steps, window_images, t0 = 0.0, 0, 0, time.perf_counter()
+            reset_window()
+            t0 = time.perf_counter()
             preempted = False
             for i, batch in enumerate(loader, start=done_in_epoch):
                 if i >= steps_per_epoch:
@@ -159,11 +192,6 @@ def train(cfg, run_dir: str | Path) -> dict:
                 scheduler.set_progress(epoch + i / steps_per_epoch)
                 with amp:
                     loss, n = task.loss(model, batch, ctx)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss.item()} at epoch {epoch}, step {step}: training stopped. The last good "
-                        f"checkpoint ({ckpts.latest or resume_from or 'none written yet'}) is intact. "
-                        f"Lower optim.lr, set trainer.grad_clip, or use amp=none.")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.trainer.grad_clip > 0:
@@ -172,18 +200,18 @@ def train(cfg, run_dir: str | Path) -> dict:
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
-                window_loss += loss.item()
-                window_steps += 1
-                window_images += n * env.world_size
+                window["loss"] += loss.detach()
+                window["steps"] += 1
+                window["images"] += n * env.world_size
                 if step % cfg.trainer.log_every == 0 or i + 1 == steps_per_epoch:
+                    mean_loss = window_mean_loss()
                     seconds = time.perf_counter() - t0
-                    mean_loss = torch.tensor(window_loss / window_steps, dtype=torch.float64, device=device)
-                    mean_loss = all_reduce_sum(mean_loss).item() / env.world_size  # the global batch's loss
                     logger.train(step, epoch, {
                         "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                        "images_per_s": window_images / max(seconds, 1e-9),
-                        "peak_memory_bytes": peak_memory_bytes(device)}, advance=window_steps)
-                    window_loss, window_steps, window_images, t0 = 0.0, 0, 0, time.perf_counter()
+                        "images_per_s": window["images"] / max(seconds, 1e-9),
+                        "peak_memory_bytes": peak_memory_bytes(device)}, advance=window["steps"])
+                    reset_window()
+                    t0 = time.perf_counter()
                 preempted, time_due = on_any_rank(signals.received is not None, ckpts.time_due())
                 if preempted or finished():
                     break
@@ -196,11 +224,13 @@ def train(cfg, run_dir: str | Path) -> dict:
             if step == (epoch + 1) * steps_per_epoch:
                 epoch += 1
                 if epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
+                    window_mean_loss()  # a diverged model is not validated
                     metrics = task.validate(unwrap(model), val_loader, ctx)
                     logger.val(step, epoch, metrics)
                     improved = ckpts.improved(metrics)
             checkpoint(is_best=improved)
             if not finished() and on_any_rank(signals.received is not None)[0]:  # during validation
                 exit_preempted()
+        logger.hparams(run_hparams(cfg, env.world_size), metrics)  # TensorBoard HParams, at the end only
     log.info("run dir: %s", run_dir)
     return metrics

@@ -8,8 +8,9 @@ import torch
 
 from abnexp.data import DatasetError, dataset_root, eval_transform, image_folder, train_transform
 from abnexp.data.demo import PER_CLASS, SOURCES, ensure_demo
-from abnexp.data.sampling import ResumableSampler, SeededDataset
+from abnexp.data.sampling import EpochBatches, ResumableSampler, SeededDataset
 from abnexp.data.transforms import Lighting
+from torch.utils.data import BatchSampler, DataLoader
 
 
 def digest(root):
@@ -59,11 +60,10 @@ def test_lighting_matches_hand_computation():
 def test_augmentation_depends_only_on_seed_epoch_index(demo_root):
     ds = image_folder(demo_root, "train", train_transform(32, [0.5] * 3, [0.5] * 3), len(SOURCES))
     seeded = SeededDataset(ds, seed=1)
-    a = seeded[5][0]
+    a = seeded[0, 5][0]
     torch.rand(100)  # the global RNG must not matter...
-    assert torch.equal(seeded[5][0], a)
-    seeded.set_epoch(1)  # ...but the epoch does
-    assert not torch.equal(seeded[5][0], a)
+    assert torch.equal(seeded[0, 5][0], a)
+    assert not torch.equal(seeded[1, 5][0], a)  # ...but the epoch does
 
 
 def test_sampler_resumes_mid_epoch():
@@ -77,3 +77,35 @@ def test_sampler_resumes_mid_epoch():
     assert list(part) == order[20:] and len(part) == 30
     full.set_epoch(4)
     assert list(full) != order
+
+
+class _RandomPerSample(torch.utils.data.Dataset):
+    """Sample i is (i, a draw from the global RNG): shows which seed a sample was computed under."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i), torch.rand(()).item()])
+
+
+@pytest.mark.slow  # starts DataLoader worker processes
+def test_persistent_workers_see_each_epochs_augmentation():
+    """Persistent workers keep their dataset copy across epochs; the epoch reaches them with the index,
+    so every epoch's batches equal those drawn in the main process (num_workers=0)."""
+    def batches(num_workers):
+        data = SeededDataset(_RandomPerSample(), seed=3)
+        sampler = ResumableSampler(data, seed=3)
+        loader = DataLoader(data, batch_sampler=EpochBatches(BatchSampler(sampler, 4, drop_last=True), sampler),
+                            num_workers=num_workers, persistent_workers=num_workers > 0)
+        out = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch, start=4 if epoch == 1 else 0)  # epoch 1 resumes after one batch
+            out.append(torch.cat(list(loader)))
+        return out
+
+    in_process, workers = batches(0), batches(2)
+    for a, b in zip(in_process, workers):
+        assert torch.equal(a, b)
+    assert len(in_process[1]) == 8 and len(in_process[0]) == 12
+    assert not torch.equal(in_process[0][:, 1].sort().values, in_process[2][:, 1].sort().values)  # epochs differ

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -104,18 +103,6 @@ def test_signals_only_set_a_flag_and_handlers_are_restored():
 
 
 # --- training runs -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_root(demo_root, tmp_path_factory) -> Path:
-    """The demo data cut to 4 training and 2 validation images per class."""
-    root = tmp_path_factory.mktemp("tiny_demo")
-    for split, n in (("train", 4), ("val", 2)):
-        for folder in sorted((demo_root / split).iterdir()):
-            (root / split / folder.name).mkdir(parents=True)
-            for image in sorted(folder.iterdir())[:n]:
-                shutil.copy(image, root / split / folder.name / image.name)
-    return root
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_root, tmp_path_factory) -> Path:
     """An uninterrupted run of SMALL (20 steps, validation after steps 10 and 20)."""

@@ -64,7 +64,11 @@ def test_resume_from_other_run_dir(full_run, tmp_path, capsys):
     assert min(train_losses(run)) == 2 * state["steps_per_epoch"] + 1  # first logged step continues
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(full_run, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 50])
+def test_nonfinite_loss_stops_and_keeps_checkpoint(full_run, tmp_path, capsys, monkeypatch, log_every):
+    """The loss is checked on the device and read at log lines and before checkpoints: whether the
+    first read is a log line (log_every=1) or a step checkpoint (log_every=50, checkpoint_every=1),
+    training stops before anything a non-finite loss has touched is saved."""
     import shutil
 
     from abnexp.tasks.cls import ClassificationTask
@@ -80,10 +84,12 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(full_run, tmp_path, capsys, m
 
     original = ClassificationTask.loss
     monkeypatch.setattr(ClassificationTask, "loss", nan_loss)
-    code, _, err = run_cli(["train", f"hydra.run.dir={run}", *TINY, "trainer.epochs=3"], capsys)
+    code, _, err = run_cli(["train", f"hydra.run.dir={run}", *TINY, "trainer.epochs=3",
+                            f"trainer.log_every={log_every}", "trainer.checkpoint_every=1"], capsys)
     assert code == 1
-    assert "loss is nan" in err and "intact" in err
+    assert "loss became nan between steps" in err and "intact" in err
     assert ckpt.read_bytes() == before
+    assert not list((run / "checkpoints").glob("step_*.pt"))
 
 
 def test_eval_prints_three_protocols_and_writes_json(full_run, capsys):
