@@ -4,23 +4,27 @@ Commands (one explicit table, COMMANDS; each is a module of abnexp.commands):
   train   train a model; Hydra overrides (model=resnext101 norm=inplace_abn data.root=...),
           -m/--multirun sweeps, --cfg job prints the composed config
   eval    evaluate a checkpoint: abnexp eval checkpoint=<run dir>/checkpoints/last.pt [overrides]
+  export  for deployment: abnexp export checkpoint=PATH format=onnx|pt2|state_dict [fold=true] [out=PATH]
   list    list the paper recipes (experiment=<table>/<cell>) with the table and row each reproduces
   table   write the papers' tables from runs: abnexp table RUN_DIR... [out=results/tables];
           abnexp table memory: InPlace-ABN Table 3's crop counts by the memory planner
-  memory  what fits in memory.device_gb: abnexp memory model=resnext101 norm=inplace_abn [memory.json=PATH]
+  memory  a step's simulated peak, what fits memory.device: abnexp memory model=resnext101 [memory.json=PATH]
   data    check a dataset before training: abnexp data check data=cityscapes data.root=PATH
   kernels native kernels: abnexp kernels build [--cuda] [--verbose] | abnexp kernels check [--device]
+  import  weights from elsewhere (reference InPlace-ABN *.pth.tar, torchvision / timm state dicts) as an
+          abnexp checkpoint: abnexp import PATH out=FILE [model=NAME] [norm=NAME] [key=value ...]
 """
 from __future__ import annotations
 
 import sys
 
-from abnexp.commands import data, eval, kernels, memory, recipes, table, train
+from abnexp.commands import data, eval, export, import_weights, kernels, memory, recipes, table, train
 from abnexp.errors import AbnexpError, exit_with
 
-COMMANDS = {"train": train.train_command, "eval": eval.eval_command, "list": recipes.list_command,
+COMMANDS = {"train": train.train_command, "eval": eval.eval_command, "export": export.export_command,
+            "list": recipes.list_command,
             "table": table.table_command, "memory": memory.memory_command, "data": data.data_command,
-            "kernels": kernels.kernels_command}
+            "kernels": kernels.kernels_command, "import": import_weights.import_command}
 """command -> function taking the remaining arguments."""
 
 

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Training-step speed of abnexp's ResNet-50 under every norm, against torchvision's ResNet-50.
+
+One step = ``zero_grad`` + forward + cross-entropy + backward + SGD step (momentum 0.9) on a
+random batch (default 16 x 3 x 112 x 112, float32). All models are timed in one process,
+interleaved (each repeat runs every model once, so changes of the machine's load hit all alike),
+and the median per model is reported with its ratio to torchvision's ``resnet50``
+(BatchNorm2d + ReLU). The synchronized norms run twice: in one process (their local path) and
+with ``--world-size`` gloo processes under ``DistributedDataParallel`` (each process holding
+``batch / world-size`` samples and ``threads / world-size`` threads), where they are compared
+with their local counterparts (syncbn with bn, inplace_abn_sync with inplace_abn) wrapped in
+DDP the same way. Goals (issue 15): bn and inplace_abn <= 1.00x torchvision, mabn <= 1.10x,
+cbn <= 1.25x (the CBN paper's Table 8), the synchronized layers <= 1.10x their local
+counterparts under DDP.
+
+Writes ``results/bench_train_cpu.md`` (on a GPU: ``results/bench_train_<gpu>.md``) with the
+command, the machine, the thread count, the load average and the torch version.
+
+Example: ``OMP_NUM_THREADS=2 python scripts/bench_train.py --repeats 6``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shlex
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from abnexp.models import build_model  # noqa: E402
+from abnexp.norm import build_norm_act, native  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NORMS = ("bn", "inplace_abn", "inplace_abn_ii", "checkpoint", "checkpoint_proposed", "gn", "mabn",
+         "cbn", "brn", "syncbn", "inplace_abn_sync")
+NORM_OPTIONS = {"cbn": {"burnin_iters": 0}}  # the full window from the start: Taylor terms active
+GOALS = {"bn": 1.00, "inplace_abn": 1.00, "mabn": 1.10, "cbn": 1.25}
+"""norm -> goal for the ratio to torchvision's ResNet-50 step (issue 15)."""
+DDP_PAIRS = {"syncbn": "bn", "inplace_abn_sync": "inplace_abn"}
+"""synchronized norm -> local counterpart it is compared with under DDP (goal <= DDP_GOAL)."""
+DDP_GOAL = 1.10
+TORCHVISION = "torchvision resnet50"
+
+
+def make_models(norms, device) -> dict[str, torch.nn.Module]:
+    """torchvision's resnet50 and abnexp's resnet50 per norm (train mode, on ``device``)."""
+    torch.manual_seed(0)
+    models = {TORCHVISION: torchvision.models.resnet50()}
+    for name in norms:
+        models[name] = build_model("resnet50", build_norm_act(name, **NORM_OPTIONS.get(name, {})), 1000)
+    return {k: m.to(device).train() for k, m in models.items()}
+
+
+def make_step(model, x, y):
+    """One training step of ``model`` (DDP-wrapped or not) on the fixed batch (x, y)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(steps: dict, repeats: int, warmup: int, device) -> dict[str, list[float]]:
+    """Seconds per step of every entry of ``steps``, ``repeats`` interleaved rounds after
+    ``warmup`` rounds (CBN's window, k = 4, is full after 3 steps)."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            if dist.is_initialized():
+                dist.barrier()
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def batch(n, args, device):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, args.crop, args.crop, generator=g).to(device)
+    return x, torch.randint(0, 1000, (n,), generator=g).to(device)
+
+
+def bench_local(args, device) -> dict[str, float]:
+    """Median seconds per step, one process, every norm and torchvision."""
+    models = make_models(args.norms, device)
+    x, y = batch(args.batch, args, device)
+    steps = {k: make_step(m, x, y) for k, m in models.items()}
+    times = time_interleaved(steps, args.repeats, args.warmup, device)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, args, queue) -> None:
+    """One gloo process: the DDP pairs interleaved; rank 0 puts the medians on ``queue``."""
+    torch.set_num_threads(max(1, args.threads // world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        device = torch.device("cpu")
+        names = [n for pair in DDP_PAIRS.items() for n in pair]
+        models = make_models(names, device)
+        del models[TORCHVISION]
+        x, y = batch(args.batch, args, device)
+        share = args.batch // world
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        steps = {k: make_step(torch.nn.parallel.DistributedDataParallel(m), x, y) for k, m in models.items()}
+        times = time_interleaved(steps, args.repeats, args.warmup, device)
+        if rank == 0:
+            queue.put({k: statistics.median(v) for k, v in times.items()})
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_ddp(args) -> dict[str, float]:
+    """Median seconds per step of the DDP pairs with ``args.world_size`` gloo processes (CPU)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(ddp_worker, args=(args.world_size, free_port(), args, queue), nprocs=args.world_size,
+                       join=True, start_method="spawn")
+    return queue.get()
+
+
+TRAINER = ["data=demo", "model=resnet18", "norm=bn", "trainer.log_every=5"]
+"""The demo job the trainer is timed on (data.batch_size, data.crop_size, data.num_workers: the demo's)."""
+
+
+def trainer_images_per_s(overrides: list[str], steps: int) -> float:
+    """Median images/s of ``abnexp train`` (abnexp.engine.trainer.train in this process) over its
+    log windows, the first window (worker start, torch.compile) left out."""
+    import json
+    import tempfile
+
+    from abnexp.config import compose
+    from abnexp.engine.trainer import train
+
+    cfg = compose([*TRAINER, *overrides, f"trainer.max_steps={steps}"])
+    with tempfile.TemporaryDirectory() as run:
+        train(cfg, run)
+        rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median([r["images_per_s"] for r in rows if r["split"] == "train"][1:])
+
+
+def bare_images_per_s(overrides: list[str], repeats: int, warmup: int, device) -> float:
+    """Images/s of the same model's bare step (random batch of the trainer's shape, no data loading,
+    no logging), ``torch.compile``'d when the overrides say trainer.compile=true."""
+    from abnexp.config import compose
+    from abnexp.tasks import build_task
+
+    cfg = compose([*TRAINER, *overrides])
+    torch.manual_seed(0)
+    model = build_task(cfg).build_model().to(device).train()
+    if cfg.trainer.compile:
+        model = torch.compile(model, mode=cfg.trainer.compile_mode)
+    n, crop = cfg.data.batch_size, cfg.data.crop_size
+    x = torch.randn(n, 3, crop, crop, device=device)
+    y = torch.randint(0, cfg.data.num_classes, (n,), device=device)
+    times = time_interleaved({"bare": make_step(model, x, y)}, repeats, warmup, device)["bare"]
+    return n / statistics.median(times)
+
+
+def trainer_section(args) -> list[str]:
+    """The trainer against the bare step (issue 15's goal: >= 0.90x), trainer.compile off and on."""
+    from abnexp.config import compose
+
+    device = torch.device(args.device)
+    cfg = compose(TRAINER)
+    lines = ["## The trainer against the bare model step", "",
+             f"`abnexp train {' '.join(TRAINER)} trainer.max_steps={args.trainer_steps}` (batch "
+             f"{cfg.data.batch_size}, {cfg.data.crop_size}² crops, {cfg.data.num_workers} loader workers, "
+             "persistent): median images/s over the log windows after the first (worker start and "
+             "compilation left out). Bare step: the same model, a random batch of the same shape, no "
+             f"data loading; median of {args.repeats} steps after {args.warmup} warm-up steps. Goal: trainer "
+             ">= 0.90x bare.", "", "| trainer.compile | trainer images/s | bare step images/s | trainer / bare | goal |",
+             "|---|---|---|---|---|"]
+    for compiled in (False, True):
+        overrides = [f"trainer.compile={str(compiled).lower()}"]
+        trained = trainer_images_per_s(overrides, args.trainer_steps)
+        bare = bare_images_per_s(overrides, args.repeats, args.warmup, device)
+        print(f"trainer compile={compiled}: {trained:.0f} images/s, bare step {bare:.0f} images/s", flush=True)
+        lines.append(f"| {str(compiled).lower()} | {trained:.0f} | {bare:.0f} | {trained / bare:.2f} | "
+                     f">= 0.90 ({'met' if trained / bare >= 0.90 else 'NOT met'}) |")
+    return lines
+
+
+def report(args, device, local, ddp) -> Path:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+        out = ROOT / "results" / f"bench_train_{re.sub(r'[^a-z0-9]+', '_', machine.lower()).strip('_')}.md"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        out = ROOT / "results" / "bench_train_cpu.md"
+    out = Path(args.out) if args.out else out
+    ref = local[TORCHVISION]
+    command = " ".join(["python", "scripts/bench_train.py"] + [shlex.quote(a) for a in sys.argv[1:]])
+    lines = ["# Training-step speed: abnexp ResNet-50 per norm vs torchvision's ResNet-50", "",
+             f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} {command}`", "",
+             f"Machine: {machine}; {args.threads} threads; torch {torch.__version__}; native kernels "
+             f"{'on' if native.ENABLED else 'off (ABNEXP_NATIVE=0)'}; load average (1, 5, 15 min) at the "
+             f"end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}.", "",
+             f"One step = zero_grad + forward + cross-entropy + backward + SGD (momentum 0.9), "
+             f"{args.batch} x 3 x {args.crop} x {args.crop} float32, contiguous; median of {args.repeats} "
+             f"interleaved repeats after {args.warmup} warm-up rounds. Each norm's defaults "
+             "(leaky_relu 0.01; CBN window 4 with burnin_iters=0, so the compensated window is in "
+             "use; MABN with CenConv2d). The synchronized norms in one process take their local path.",
+             "", "| model | ms / step | x torchvision | goal |", "|---|---|---|---|",
+             f"| {TORCHVISION} | {1e3 * ref:.0f} | 1.00 | |"]
+    for name in args.norms:
+        ratio, goal = local[name] / ref, GOALS.get(name)
+        mark = "" if goal is None else f"<= {goal:.2f} ({'met' if ratio <= goal else 'NOT met'})"
+        lines.append(f"| abnexp resnet50 norm={name}{' (1 process)' if name in DDP_PAIRS else ''} | "
+                     f"{1e3 * local[name]:.0f} | {ratio:.2f} | {mark} |")
+    if ddp:
+        lines += ["", f"## {args.world_size} gloo processes under DistributedDataParallel", "",
+                  f"{args.batch // args.world_size} samples and {max(1, args.threads // args.world_size)} "
+                  f"thread(s) per process (global batch {args.batch}), the same step, interleaved; rank 0's "
+                  "medians.", "", "| norm | ms / step | local counterpart | ms / step | ratio | goal |",
+                  "|---|---|---|---|---|---|"]
+        for sync_name, local_name in DDP_PAIRS.items():
+            ratio = ddp[sync_name] / ddp[local_name]
+            lines.append(f"| {sync_name} | {1e3 * ddp[sync_name]:.0f} | {local_name} | "
+                         f"{1e3 * ddp[local_name]:.0f} | {ratio:.2f} | <= {DDP_GOAL:.2f} "
+                         f"({'met' if ratio <= DDP_GOAL else 'NOT met'}) |")
+    lines += [""] + trainer_section(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=112)
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--norms", nargs="+", default=list(NORMS), choices=NORMS)
+    parser.add_argument("--world-size", type=int, default=2, help="DDP processes (0: skip the DDP part)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="report path (default results/bench_train_<device>.md)")
+    parser.add_argument("--trainer-steps", type=int, default=60, help="optimizer steps of each timed abnexp train")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    local = bench_local(args, device)
+    for name, sec in local.items():
+        print(f"{name:28s} {1e3 * sec:8.0f} ms  {sec / local[TORCHVISION]:.2f}x", flush=True)
+    ddp = bench_ddp(args) if args.world_size > 1 and device.type == "cpu" else {}
+    for name, sec in ddp.items():
+        print(f"DDP x{args.world_size} {name:20s} {1e3 * sec:8.0f} ms", flush=True)
+    print(f"wrote {report(args, device, local, ddp)}")
+
+
+if __name__ == "__main__":
+    main()
