@@ -15,8 +15,9 @@ from abnexp.tasks import build_task
 from export_models import TinyNet, randomize_norms
 
 IMAGES = TASK_IO["cls"]
-PT2_FAST = ("inplace_abn", "mabn", "cbn")  # the other norms' torch.export runs are in the full suite only
-PT2_NORMS = [n if n in PT2_FAST else pytest.param(n, marks=pytest.mark.slow) for n in NORMS]
+FAST = ("inplace_abn", "mabn", "cbn", "gn")  # the other norms' exports run in the full suite only
+ONNX_NORMS = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in NORMS]
+PT2_NORMS = [n if n in FAST[:3] else pytest.param(n, marks=pytest.mark.slow) for n in NORMS]
 
 
 def expected_output(model, x):
@@ -37,7 +38,7 @@ def check_onnx(model, tmp_path, fold: bool, example_hw=(32, 32), check_hw=(48, 2
     return ops
 
 
-@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("norm", ONNX_NORMS)
 def test_onnx_matches_pytorch_folded(norm, tmp_path):
     ops = check_onnx(randomize_norms(TinyNet(norm)).eval(), tmp_path, fold=True)
     assert "BatchNormalization" not in ops
