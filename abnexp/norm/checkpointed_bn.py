@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -112,9 +112,7 @@ class _CheckpointedABNFunction(torch.autograd.Function):
 
 
 def _native_backward(ctx: Any, dz: Tensor, refs: int):
-    """Backward of :class:`_CheckpointedABNFunction` with the native xhat-form operators: x
-    (or the kept xhat, then mean is None) and dL/dz are read twice, nothing full-size is kept
-    besides dL/dx (written into dL/dz when that buffer is exclusively ours)."""
+    """Backward of :class:`_CheckpointedABNFunction` with the native xhat-form operators."""
     batch_stats, activation, param, variant, dtype, _ = ctx.cfg
     z = mean = None
     if variant == "proposed":
@@ -123,16 +121,30 @@ def _native_backward(ctx: Any, dz: Tensor, refs: int):
         x, mean, invstd, weight, bias, z = ctx.saved_tensors
     else:
         x, mean, invstd, weight, bias = ctx.saved_tensors
+    return native_xhat_backward(ctx, dz, refs, x, z, mean, invstd, weight, bias, activation, param,
+                                batch_stats) + (None,) * 9
+
+
+def native_xhat_backward(ctx: Any, dz: Tensor, refs: int, x: Tensor, z: Optional[Tensor],
+                         mean: Optional[Tensor], invstd: Tensor, weight: Optional[Tensor],
+                         bias: Optional[Tensor], activation: str, param: float, batch_stats: bool,
+                         count: Optional[int] = None, group_sums: Optional[Callable] = None) -> tuple:
+    """The native xhat-form backward: x (or the kept xhat, then ``mean`` is None) and dL/dz are
+    read twice, nothing full-size is kept besides dL/dx (written into dL/dz when that buffer is
+    exclusively ours). ``z``: the kept output, if any. The synchronized layer passes
+    ``group_sums`` (the sums over its process group) and the group's ``count`` for dL/dx;
+    dL/dweight and dL/dbias use the local sums. Returns (dL/dx, dL/dweight, dL/dbias)."""
     ops = native.ops()
     with no_autocast(dz.device.type):
         gamma, beta = Fn.affine_params(weight, bias, x.shape[1], invstd.dtype, x.device)
         norm = invstd if mean is not None else None
         sum_dy, sum_dy_xhat = ops.xhat_backward_reduce(x, dz, z, mean, norm, gamma, beta,
                                                        activation, param)
+        all_dy, all_dy_xhat = group_sums(sum_dy, sum_dy_xhat) if group_sums else (sum_dy, sum_dy_xhat)
         dx = None
         if ctx.needs_input_grad[0]:
-            args = (z, mean, invstd, gamma, beta, sum_dy, sum_dy_xhat,
-                    Fn.values_per_channel(x), batch_stats, activation, param)
+            args = (z, mean, invstd, gamma, beta, all_dy, all_dy_xhat,
+                    Fn.values_per_channel(x) if count is None else count, batch_stats, activation, param)
             if native.grad_writable(dz, refs):
                 ops.xhat_backward_elementwise_(x, dz, *args)
                 dx = dz
@@ -140,7 +152,7 @@ def _native_backward(ctx: Any, dz: Tensor, refs: int):
                 dx = ops.xhat_backward_elementwise(x, dz, *args)
         dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return dx, dw, db, None, None, None, None, None, None, None, None, None
+    return dx, dw, db
 
 
 def checkpointed_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

@@ -9,7 +9,7 @@ variant II uses the y-form gradients of the supplementary, Sec. 2).
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -51,7 +51,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
         refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dz)  # see native.grad_writable
         batch_stats, eps, activation, param, variant, use_native = ctx.cfg
         if use_native:
-            return _native_backward(ctx, dz, refs)
+            return native_backward(ctx, dz, refs, eps, activation, param, variant, batch_stats) + (None,) * 9
         z, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dz.device.type):
             gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device,
@@ -75,22 +75,27 @@ class _InPlaceABNFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None, None, None
 
 
-def _native_backward(ctx: Any, dz: Tensor, refs: int):
+def native_backward(ctx: Any, dz: Tensor, refs: int, eps: float, activation: str, param: float,
+                    variant: str, batch_stats: bool, count: Optional[int] = None,
+                    group_sums: Optional[Callable] = None) -> tuple:
     """Algorithm 2 with the native operators: one pass over (z, dL/dz) for the sums, one for
     dL/dx (written into dL/dz when that buffer is exclusively ours); dL/dy and xhat / y are
-    recomputed per element instead of being materialised."""
-    batch_stats, eps, activation, param, variant, _ = ctx.cfg
+    recomputed per element instead of being materialised. ``ctx.saved_tensors`` is
+    (z, invstd, weight, bias). The synchronized layer passes ``group_sums`` (the sums over its
+    process group) and the group's ``count`` for dL/dx; dL/dweight and dL/dbias use the local
+    sums. Returns (dL/dx, dL/dweight, dL/dbias)."""
     z, invstd, weight, bias = ctx.saved_tensors
     ops = native.ops()
     with no_autocast(dz.device.type):
         gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
         sum_dy, sum_dy_t = ops.inplace_backward_reduce(z, dz, gamma, beta, activation, param,
                                                        variant)
+        all_dy, all_dy_t = group_sums(sum_dy, sum_dy_t) if group_sums else (sum_dy, sum_dy_t)
         dgamma = sum_dy_t if variant == "I" else Fn.grad_gamma_y(sum_dy, sum_dy_t, gamma, beta)
         dx = None
         if ctx.needs_input_grad[0]:
-            args = (invstd, gamma, beta, sum_dy, sum_dy_t, Fn.values_per_channel(z), batch_stats,
-                    activation, param, variant)
+            args = (invstd, gamma, beta, all_dy, all_dy_t, Fn.values_per_channel(z) if count is None else count,
+                    batch_stats, activation, param, variant)
             if native.grad_writable(dz, refs):
                 ops.inplace_backward_elementwise_(z, dz, *args)
                 dx = dz
@@ -99,7 +104,7 @@ def _native_backward(ctx: Any, dz: Tensor, refs: int):
         dw = (Fn.flip_weight_grad(dgamma, weight)
               if weight is not None and ctx.needs_input_grad[1] else None)
         db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return dx, dw, db, None, None, None, None, None, None, None, None, None
+    return dx, dw, db
 
 
 def inplace_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],

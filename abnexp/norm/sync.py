@@ -44,8 +44,8 @@ from abnexp.norm import functional as Fn
 from abnexp.norm import native
 from abnexp.norm.abn import ABN
 from abnexp.norm.activations import activate
-from abnexp.norm.checkpointed_bn import no_autocast
-from abnexp.norm.inplace_abn import InPlaceABN
+from abnexp.norm.checkpointed_bn import native_xhat_backward, no_autocast
+from abnexp.norm.inplace_abn import InPlaceABN, native_backward
 
 _warned = False
 
@@ -120,8 +120,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor):
         refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dy)  # see native.grad_writable
         count, group, activation, param, use_native = ctx.cfg
-        if use_native:
-            return _native_sync_bn_backward(ctx, dy, refs)
+        if use_native:  # the native xhat-form backward with the group's sums and count for dL/dx
+            x, mean, invstd, weight, bias, y = ctx.saved_tensors
+            return native_xhat_backward(ctx, dy, refs, x, y, mean, invstd, weight, bias, activation, param,
+                                        True, count, lambda a, b: all_reduce_sums(a, b, group)) + (None,) * 8
         x, mean, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dy.device.type):
             xhat = Fn.normalize(x, mean, invstd, dtype=invstd.dtype)
@@ -134,29 +136,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 8
-
-
-def _native_sync_bn_backward(ctx: Any, dz: Tensor, refs: int):
-    """The native xhat-form backward (ABN's) with the group's sums and count for dL/dx."""
-    count, group, activation, param, _ = ctx.cfg
-    x, mean, invstd, weight, bias, z = ctx.saved_tensors
-    ops = native.ops()
-    with no_autocast(dz.device.type):
-        gamma, beta = Fn.affine_params(weight, bias, x.shape[1], invstd.dtype, x.device)
-        sum_dy, sum_dy_xhat = ops.xhat_backward_reduce(x, dz, z, mean, invstd, gamma, beta,
-                                                       activation, param)
-        all_dy, all_dy_xhat = all_reduce_sums(sum_dy, sum_dy_xhat, group)
-        args = (z, mean, invstd, gamma, beta, all_dy, all_dy_xhat, count, True, activation, param)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if native.grad_writable(dz, refs):
-                ops.xhat_backward_elementwise_(x, dz, *args)
-                dx = dz
-            else:
-                dx = ops.xhat_backward_elementwise(x, dz, *args)
-        dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return (dx, dw, db) + (None,) * 8
 
 
 class _InPlaceABNSyncFunction(torch.autograd.Function):
@@ -186,8 +165,9 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
     def backward(ctx: Any, dz: Tensor):
         refs = 0 if torch.compiler.is_compiling() else sys.getrefcount(dz)  # see native.grad_writable
         count, eps, activation, param, variant, use_native, group = ctx.cfg
-        if use_native:
-            return _native_inplace_sync_backward(ctx, dz, refs)
+        if use_native:  # InPlace-ABN's native backward with the group's sums and count for dL/dx
+            return native_backward(ctx, dz, refs, eps, activation, param, variant, True, count,
+                                   lambda a, b: all_reduce_sums(a, b, group)) + (None,) * 9
         z, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dz.device.type):
             gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
@@ -204,31 +184,6 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
             dw = Fn.flip_weight_grad(dgamma, weight) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 9
-
-
-def _native_inplace_sync_backward(ctx: Any, dz: Tensor, refs: int):
-    """Algorithm 2 with the native operators (InPlace-ABN's) and the group's sums and count
-    for dL/dx; dL/dweight and dL/dbias from the local sums."""
-    count, eps, activation, param, variant, _, group = ctx.cfg
-    z, invstd, weight, bias = ctx.saved_tensors
-    ops = native.ops()
-    with no_autocast(dz.device.type):
-        gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
-        sum_dy, sum_dy_t = ops.inplace_backward_reduce(z, dz, gamma, beta, activation, param,
-                                                       variant)
-        all_dy, all_dy_t = all_reduce_sums(sum_dy, sum_dy_t, group)
-        dgamma = sum_dy_t if variant == "I" else Fn.grad_gamma_y(sum_dy, sum_dy_t, gamma, beta)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            args = (invstd, gamma, beta, all_dy, all_dy_t, count, True, activation, param, variant)
-            if native.grad_writable(dz, refs):
-                ops.inplace_backward_elementwise_(z, dz, *args)
-                dx = dz
-            else:
-                dx = ops.inplace_backward_elementwise(z, dz, *args)
-        dw = Fn.flip_weight_grad(dgamma, weight) if weight is not None and ctx.needs_input_grad[1] else None
-        db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return (dx, dw, db) + (None,) * 9
 
 
 class _SyncMixin:
