@@ -17,11 +17,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from abnexp.models.heads import ClassificationHead
-from abnexp.models.reference_weights import Weights, adapt_scales, read_weights
+from abnexp.models.reference_weights import Weights, adapt_scales, load_file, read_weights
 
 log = logging.getLogger("abnexp")
 
@@ -39,13 +38,7 @@ def read_checkpoint(path: Path) -> dict:
     Raises:
         ValueError: a missing, unreadable (truncated, foreign) or non-abnexp file, naming it.
     """
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist (expected an `abnexp train` checkpoint, "
-                         f"<run dir>/checkpoints/last.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    state = load_file(path, "an `abnexp train` checkpoint, <run dir>/checkpoints/last.pt")
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not an abnexp checkpoint (no 'model'/'config' entries)")
     return state

@@ -142,6 +142,20 @@ SOURCES: dict[str, Source] = {
 """Recognized weight files, tried in this order (see the module docstring)."""
 
 
+def load_file(path: Path, expected: str) -> Any:
+    """``torch.load`` of ``path`` (CPU tensors, ``weights_only=True``).
+
+    Raises:
+        ValueError: ``path`` is missing (the message says ``expected``) or unreadable (truncated, foreign).
+    """
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist (expected {expected})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+
+
 def read_weights(path: str | Path) -> Weights:
     """The weights in the file at ``path`` (CPU tensors, ``weights_only=True``), whatever its source.
 
@@ -150,13 +164,7 @@ def read_weights(path: str | Path) -> Weights:
             message names the file and the kinds accepted.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist (expected an `abnexp train` checkpoint, "
-                         f"<run dir>/checkpoints/last.pt, or a weight file: {_kinds()})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    obj = load_file(path, f"an `abnexp train` checkpoint, <run dir>/checkpoints/last.pt, or a weight file: {_kinds()}")
     for source in SOURCES.values():
         if source.matches(obj):
             return source.read(path, obj)
