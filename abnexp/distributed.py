@@ -6,6 +6,7 @@ Without either, everything runs as a single process (rank 0 of 1).
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from dataclasses import dataclass
@@ -13,8 +14,11 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from abnexp.errors import ConfigError
+
+log = logging.getLogger("abnexp")
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,36 @@ def init_distributed() -> DistEnv:
             rendezvous = submitit.helpers.TorchDistributedEnvironment()
             os.environ.setdefault("MASTER_ADDR", rendezvous.master_addr)
             os.environ.setdefault("MASTER_PORT", str(rendezvous.master_port))
+        backend = "gloo"
         if torch.cuda.is_available() and env.local_rank < torch.cuda.device_count():
             torch.cuda.set_device(env.local_rank)
-            dist.init_process_group("cpu:gloo,cuda:nccl", rank=env.rank, world_size=env.world_size)
-        else:
-            dist.init_process_group("gloo", rank=env.rank, world_size=env.world_size)
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, store=_attempt_store(env), rank=env.rank, world_size=env.world_size)
     return env
+
+
+def _attempt_store(env: DistEnv) -> dist.Store | None:
+    """The store this attempt's process group rendezvous in; None: init_process_group's own (env://).
+
+    torchrun's agent hosts the store its workers rendezvous in (TORCHELASTIC_USE_AGENT_STORE=True)
+    and keeps it across ``--max-restarts`` restarts, keys included (pytorch/pytorch#135712). Without
+    a prefix of their own, the restarted workers read the killed workers' entries (gloo's listening
+    addresses, nccl's unique id) and fail to connect ("Gloo connectFullMesh failed ... Connection
+    refused") whenever they read a peer's key before the restarted peer has written it. Each attempt
+    therefore rendezvous under the prefix ``abnexp/attempt_<TORCHELASTIC_RESTART_COUNT>``. The count is the same
+    on every worker of one agent (one node); across nodes agents count their restarts apart, so
+    multi-node elastic jobs should run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh
+    store per attempt, hosted by rank 0; then this returns None).
+    """
+    if env.started_by != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if env.is_main and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        log.warning("torchrun --max-restarts over %s nodes shares its store across restarts, which the nodes count "
+                    "apart: a restart may fail to connect. Run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                    os.environ["GROUP_WORLD_SIZE"])
+    agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"abnexp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
 
 
 def destroy_distributed() -> None:
