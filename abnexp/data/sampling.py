@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 class SeededDataset(Dataset):
-    """``dataset[(e, i)]`` is ``dataset[i]`` computed under ``torch.manual_seed(f(seed, e, i))``: the
+    """``dataset[(e, i)]`` is ``dataset[i]`` computed with torch's CPU generator seeded f(seed, e, i): the
     augmentation of sample ``i`` in epoch ``e``, whichever worker draws it; global RNG untouched.
 
     The epoch travels with the index (:class:`EpochBatches` tags each index with it) rather than
@@ -36,8 +36,8 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed % (2**63))
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only, the one the transforms draw from
+            torch.default_generator.manual_seed(sample_seed % (2**63))
             return self.dataset[index]
 
 
