@@ -364,6 +364,26 @@ def test_cbn_empty_batch_and_state_dict_resume():
     torch.testing.assert_close(layer(conv(u)), restored(conv2(u)), rtol=0, atol=0)
 
 
+def test_cbn_loads_a_checkpoint_that_kept_the_past_weights():
+    """Checkpoints written before past_*_dot kept past_weight (k, C, F): loading one gives the
+    layer that wrote it."""
+    torch.manual_seed(11)
+    conv, layer = cbn_pair(window=3, groups=2, c_in=2, c_out=4)
+    weights = []
+    for i in range(2):  # iterations t = 1, 2 fill slots 0, 1
+        weights.append(conv.weight.detach().reshape(4, -1).clone())
+        layer(conv(randn(2, 2, 4, 4, shift=i)))
+        with torch.no_grad():
+            conv.weight.add_(0.1 * torch.randn_like(conv.weight))
+    old = {k: v for k, v in layer.state_dict().items() if not k.endswith("_dot")}
+    old["past_weight"] = torch.stack(weights)
+    conv2, restored = cbn_pair(window=3, groups=2, c_in=2, c_out=4)
+    conv2.load_state_dict(conv.state_dict())
+    restored.load_state_dict(old)
+    u = randn(2, 2, 4, 4, shift=3.0)
+    torch.testing.assert_close(restored(conv2(u)), layer(conv(u)))
+
+
 def test_cbn_channels_last_model_matches_contiguous():
     torch.manual_seed(16)
     net = nn.Sequential(*cbn_pair(window=2))
