@@ -40,6 +40,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from abnexp.models import build_model  # noqa: E402
 from abnexp.norm import build_norm_act, native  # noqa: E402
+from abnexp.norm.sync import SYNC_LAYERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NORMS = ("bn", "inplace_abn", "inplace_abn_ii", "checkpoint", "checkpoint_proposed", "gn", "mabn",
@@ -133,14 +134,37 @@ def ddp_worker(rank: int, world: int, port: int, args, queue) -> None:
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         steps = {k: make_step(torch.nn.parallel.DistributedDataParallel(m), x, y) for k, m in models.items()}
         times = time_interleaved(steps, args.repeats, args.warmup, device)
+        latency = collective_latency()
         if rank == 0:
-            queue.put({k: statistics.median(v) for k, v in times.items()})
+            layers = sum(isinstance(m, SYNC_LAYERS) for m in models["syncbn"].modules())
+            queue.put(({k: statistics.median(v) for k, v in times.items()}, latency, layers))
     finally:
         dist.destroy_process_group()
 
 
-def bench_ddp(args) -> dict[str, float]:
-    """Median seconds per step of the DDP pairs with ``args.world_size`` gloo processes (CPU)."""
+def collective_latency(channels: int = 2048, rounds: int = 200) -> dict[str, float]:
+    """Seconds per call of the synchronized layers' two collectives on the default group: the
+    forward's all_gather of the (3, C) statistics and the backward's all_reduce of the (2, C)
+    sums, C = ResNet-50's widest layer; mean over ``rounds`` calls after a barrier."""
+    world = dist.get_world_size()
+    calls = {"all_gather": lambda: dist.all_gather(parts, stats), "all_reduce": lambda: dist.all_reduce(sums)}
+    stats, sums = torch.zeros(3, channels), torch.zeros(2, channels)
+    parts = [torch.empty_like(stats) for _ in range(world)]
+    out = {}
+    for name, call in calls.items():
+        for _ in range(20):
+            call()
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            call()
+        out[name] = (time.perf_counter() - t0) / rounds
+    return out
+
+
+def bench_ddp(args) -> tuple[dict[str, float], dict[str, float], int]:
+    """Median seconds per step of the DDP pairs with ``args.world_size`` gloo processes (CPU), the
+    collectives' latency (:func:`collective_latency`) and the synchronized layers per model."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(ddp_worker, args=(args.world_size, free_port(), args, queue), nprocs=args.world_size,
@@ -186,27 +210,63 @@ def bare_images_per_s(overrides: list[str], repeats: int, warmup: int, device) -
     return n / statistics.median(times)
 
 
+def loading_seconds_per_image(samples: int = 400) -> float:
+    """CPU seconds to load one training image of the demo job (decode + augmentation, as a loader
+    worker does it: one thread), median of 5 rounds of ``samples`` images."""
+    from abnexp.config import compose
+    from abnexp.data.sampling import SeededDataset
+    from abnexp.tasks import build_task
+
+    dataset = SeededDataset(build_task(compose(TRAINER)).datasets()[0], 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rounds = []
+        for r in range(6):
+            t0 = time.perf_counter()
+            for i in range(samples):
+                dataset[(r, i % len(dataset.dataset))]
+            rounds.append((time.perf_counter() - t0) / samples)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(rounds[1:])
+
+
 def trainer_section(args) -> list[str]:
-    """The trainer against the bare step (issue 15's goal: >= 0.90x), trainer.compile off and on."""
+    """The trainer against the bare step (issue 15's goal: >= 0.90x), trainer.compile off and on,
+    and with the loading in the training process (data.num_workers=0); the ceiling that loading on
+    the same cores leaves: 1 / (1 / bare + loading seconds per image / cores)."""
     from abnexp.config import compose
 
     device = torch.device(args.device)
     cfg = compose(TRAINER)
+    load = loading_seconds_per_image()
+    cores = os.cpu_count() if device.type == "cpu" else None
     lines = ["## The trainer against the bare model step", "",
              f"`abnexp train {' '.join(TRAINER)} trainer.max_steps={args.trainer_steps}` (batch "
              f"{cfg.data.batch_size}, {cfg.data.crop_size}² crops, {cfg.data.num_workers} loader workers, "
              "persistent): median images/s over the log windows after the first (worker start and "
              "compilation left out). Bare step: the same model, a random batch of the same shape, no "
              f"data loading; median of {args.repeats} steps after {args.warmup} warm-up steps. Goal: trainer "
-             ">= 0.90x bare.", "", "| trainer.compile | trainer images/s | bare step images/s | trainer / bare | goal |",
-             "|---|---|---|---|---|"]
-    for compiled in (False, True):
-        overrides = [f"trainer.compile={str(compiled).lower()}"]
+             f">= 0.90x bare. Loading one training image (decode + augmentation, one thread) takes "
+             f"{1e3 * load:.2f} ms"]
+    if cores:
+        lines[-1] += (f"; on a CPU the loader workers share the {cores} cores with the model, so the "
+                      "trainer cannot exceed the *loading ceiling* 1 / (1 / bare + loading time / cores)")
+    lines[-1] += "."
+    lines += ["", "| trainer.compile | data.num_workers | trainer images/s | bare step images/s | trainer / bare "
+              "| goal | loading ceiling / bare | trainer / ceiling |", "|---|---|---|---|---|---|---|---|"]
+    for compiled, workers in ((False, cfg.data.num_workers), (False, 0), (True, cfg.data.num_workers)):
+        overrides = [f"trainer.compile={str(compiled).lower()}", f"data.num_workers={workers}"]
         trained = trainer_images_per_s(overrides, args.trainer_steps)
         bare = bare_images_per_s(overrides, args.repeats, args.warmup, device)
-        print(f"trainer compile={compiled}: {trained:.0f} images/s, bare step {bare:.0f} images/s", flush=True)
-        lines.append(f"| {str(compiled).lower()} | {trained:.0f} | {bare:.0f} | {trained / bare:.2f} | "
-                     f">= 0.90 ({'met' if trained / bare >= 0.90 else 'NOT met'}) |")
+        # with the loading in the training process it runs between steps on one core: ceiling 1 / (1 / bare + load)
+        ceiling = 1 / (1 / bare + load / (cores if workers else 1)) if cores else bare
+        print(f"trainer compile={compiled} workers={workers}: {trained:.0f} images/s, bare step {bare:.0f} "
+              f"images/s, loading ceiling {ceiling:.0f}", flush=True)
+        lines.append(f"| {str(compiled).lower()} | {workers} | {trained:.0f} | {bare:.0f} | {trained / bare:.2f} | "
+                     f">= 0.90 ({'met' if trained / bare >= 0.90 else 'NOT met'}) | {ceiling / bare:.2f} | "
+                     f"{trained / ceiling:.2f} |")
     return lines
 
 
@@ -244,11 +304,19 @@ def report(args, device, local, ddp) -> Path:
                   f"thread(s) per process (global batch {args.batch}), the same step, interleaved; rank 0's "
                   "medians.", "", "| norm | ms / step | local counterpart | ms / step | ratio | goal |",
                   "|---|---|---|---|---|---|"]
+        ddp, latency, layers = ddp
         for sync_name, local_name in DDP_PAIRS.items():
             ratio = ddp[sync_name] / ddp[local_name]
             lines.append(f"| {sync_name} | {1e3 * ddp[sync_name]:.0f} | {local_name} | "
                          f"{1e3 * ddp[local_name]:.0f} | {ratio:.2f} | <= {DDP_GOAL:.2f} "
                          f"({'met' if ratio <= DDP_GOAL else 'NOT met'}) |")
+        wait = layers * sum(latency.values())
+        lines += ["", f"Each of the {layers} synchronized layers makes two collectives per step: the forward's "
+                  f"all_gather of the statistics ({1e3 * latency['all_gather']:.2f} ms per call here) and the "
+                  f"backward's all_reduce of two sums ({1e3 * latency['all_reduce']:.2f} ms), both on the critical "
+                  f"path (the next layer needs the result): {1e3 * wait:.0f} ms per step, "
+                  f"{100 * wait / ddp['bn']:.0f} % of bn's DDP step, before any wait for the slower rank at each "
+                  "layer (a 2-process gloo job on 2 cores: each collective is also a rendezvous of the ranks)."]
     lines += [""] + trainer_section(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
@@ -273,8 +341,8 @@ def main(argv=None) -> None:
     local = bench_local(args, device)
     for name, sec in local.items():
         print(f"{name:28s} {1e3 * sec:8.0f} ms  {sec / local[TORCHVISION]:.2f}x", flush=True)
-    ddp = bench_ddp(args) if args.world_size > 1 and device.type == "cpu" else {}
-    for name, sec in ddp.items():
+    ddp = bench_ddp(args) if args.world_size > 1 and device.type == "cpu" else ()
+    for name, sec in (ddp[0] if ddp else {}).items():
         print(f"DDP x{args.world_size} {name:20s} {1e3 * sec:8.0f} ms", flush=True)
     print(f"wrote {report(args, device, local, ddp)}")
 
