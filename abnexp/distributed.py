@@ -91,7 +91,8 @@ def init_distributed() -> DistEnv:
     The backend does not depend on the configured device, so the group can exist before the
     config is known (abnexp.commands.launch hands rank 0's config over it): with CUDA,
     "cpu:gloo,cuda:nccl" (nccl for CUDA tensors, gloo for CPU tensors) after selecting the
-    GPU LOCAL_RANK; without CUDA, gloo. Rendezvous: torchrun's MASTER_ADDR/PORT; in a submitit
+    GPU LOCAL_RANK; without CUDA, gloo. Rendezvous: torchrun's MASTER_ADDR/PORT (in its agent's
+    store, under a prefix per restart: :func:`_attempt_store`); in a submitit
     job, unless set already, the job's first host and a port derived from the job id
     (submitit.helpers.TorchDistributedEnvironment, the same on every task).
     """
@@ -118,18 +119,20 @@ def _attempt_store(env: DistEnv) -> dist.Store | None:
     and keeps it across ``--max-restarts`` restarts, keys included (pytorch/pytorch#135712). Without
     a prefix of their own, the restarted workers read the killed workers' entries (gloo's listening
     addresses, nccl's unique id) and fail to connect ("Gloo connectFullMesh failed ... Connection
-    refused") whenever they read a peer's key before the restarted peer has written it. Each attempt
-    therefore rendezvous under the prefix ``abnexp/attempt_<TORCHELASTIC_RESTART_COUNT>``. The count is the same
-    on every worker of one agent (one node); across nodes agents count their restarts apart, so
-    multi-node elastic jobs should run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh
-    store per attempt, hosted by rank 0; then this returns None).
+    refused") whenever they read a peer's key before the restarted peer has written it. Each
+    attempt therefore rendezvous under the prefix ``abnexp/attempt_<TORCHELASTIC_RESTART_COUNT>``.
+    The count is the same on every worker of one agent (one node); across nodes agents count their
+    restarts apart, so multi-node elastic jobs should run torchrun with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per attempt, hosted by rank 0; then this
+    returns None), which rank 0 says in a warning.
     """
     if env.started_by != "torchrun" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    if env.is_main and int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
-        log.warning("torchrun --max-restarts over %s nodes shares its store across restarts, which the nodes count "
-                    "apart: a restart may fail to connect. Run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
-                    os.environ["GROUP_WORLD_SIZE"])
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    if env.is_main and nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)):
+        log.warning("torchrun --max-restarts over %d nodes shares its store across restarts, which the nodes "
+                    "count apart: a restart may fail to connect. Run torchrun with "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", nodes)
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
                           is_master=False, timeout=default_pg_timeout)
     return dist.PrefixStore(f"abnexp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
