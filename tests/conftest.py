@@ -1,6 +1,7 @@
 """Shared fixtures: one generated demo dataset per test session (in a temporary cache folder)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -54,3 +55,35 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of a run dir's metrics.jsonl train rows (a row logged again after a resume wins)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def only_run_dir(cwd: Path) -> Path:
+    """The one run dir below ``cwd/runs`` (asserts there is exactly one)."""
+    dirs = list((cwd / "runs").iterdir())
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def write_tiny_cityscapes(root: Path, counts: dict[str, int]) -> Path:
+    """``counts[split]`` demo composites (64x128 images and labelIds, 0 = unlabeled included) per
+    split in the Cityscapes layout (one city, "ulm"), from a fixed seed; returns ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    from abnexp.data.demo_cityscapes import _textures, compose
+
+    textures, rng = _textures(), np.random.default_rng(0)
+    for split, count in counts.items():
+        (root / "leftImg8bit" / split / "ulm").mkdir(parents=True)
+        (root / "gtFine" / split / "ulm").mkdir(parents=True)
+        for i in range(count):
+            image, label = compose(textures, rng)
+            Image.fromarray(image).save(root / f"leftImg8bit/{split}/ulm/ulm_000000_{i:06d}_leftImg8bit.png")
+            Image.fromarray(label).save(root / f"gtFine/{split}/ulm/ulm_000000_{i:06d}_gtFine_labelIds.png")
+    return root

@@ -2,25 +2,18 @@
 resumes, with the per-step losses of the eager model (to float32 rounding of a fused graph)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from abnexp.config import compose
 from abnexp.tasks import build_task
-from conftest import run_cli
+from conftest import run_cli, train_losses
 
 pytestmark = pytest.mark.slow  # compiles a model with inductor (about a minute on 2 cores)
 
 TINY = ["model=resnet18", "norm=inplace_abn", "data.batch_size=16", "data.crop_size=32",
         "data.large_crop_size=40", "data.num_workers=0", "trainer.log_every=1", "trainer.epochs=1"]
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 def test_compiled_training_checkpoints_and_resumes_like_eager(tmp_path, capsys):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import only_run_dir, run_cli, train_losses
 
 pytestmark = pytest.mark.slow  # torchrun: 2 gloo processes per launch
 
@@ -31,17 +31,6 @@ TOL = 1e-5
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT)
-
-
-def only_run_dir(cwd: Path) -> Path:
-    dirs = list((cwd / "runs").iterdir())
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +139,7 @@ def test_torchrun_job_writes_one_run_dir(torchrun_job):
     state = torch.load(torchrun_job / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 2 and state["steps_per_epoch"] == 400 // 8  # 800 images over 2 ranks
     assert "name: inplace_abn_sync" in state["config"]
-    assert sorted(losses(torchrun_job)) == [1, 2]
+    assert sorted(train_losses(torchrun_job)) == [1, 2]
 
 
 @pytest.mark.filterwarnings("ignore:InPlaceABNSync. torch.distributed is not initialized")
@@ -169,13 +158,13 @@ def test_checkpoint_resumes_in_one_and_in_two_processes(torchrun_job, tmp_path, 
     assert len(list(two.glob("events.out.tfevents.*"))) == 1
     for run_dir in (one, two):
         assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
-    assert sorted(losses(one)) == sorted(losses(two)) == [3, 4]
+    assert sorted(train_losses(one)) == sorted(train_losses(two)) == [3, 4]
     # Step 3's loss comes from the restored weights alone, step 4's also from step 3's update,
     # through which float rounding differences grow on this tiny problem. Measured: < 1e-6
     # relative (5e-6 with native kernels in the 1-process local layers only), against 5-10 %
     # when the 2 processes use norm=inplace_abn (not synchronized).
     for step in (3, 4):
-        assert losses(two)[step] == pytest.approx(losses(one)[step], rel=1e-4), step
+        assert train_losses(two)[step] == pytest.approx(train_losses(one)[step], rel=1e-4), step
 
 
 def test_composition_error_under_torchrun_ends_every_rank(tmp_path):

@@ -5,7 +5,6 @@ workers must connect at the first try, although torchrun's agent keeps the kille
 entries (abnexp.distributed._attempt_store)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 import torch.distributed as dist
 
 from abnexp.distributed import DistEnv, _attempt_store
+from conftest import train_losses
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -63,12 +63,6 @@ def test_multinode_restarts_warn_to_disable_the_shared_store(agent_store, monkey
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
     _attempt_store(DistEnv(0, 2, 0, "torchrun"))
     assert not caplog.records
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    """step -> loss of metrics.jsonl's train rows (a row logged again after a resume wins)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 def worker_of_rank(agent: int, rank: int) -> int | None:

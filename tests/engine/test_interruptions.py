@@ -17,17 +17,11 @@ import torch
 from abnexp.engine.checkpoint import (BEST, EXIT_PREEMPTED, LAST, Checkpoints, PreemptionSignals, find_resume,
                                       load_checkpoint, load_newest, save_checkpoint)
 from abnexp.errors import ConfigError
-from conftest import run_cli
+from conftest import run_cli, train_losses
 
 # 4 training images per class (10 steps per epoch at batch 4) and 2 for validation: 20 steps in all
 SMALL = ["model=resnet18", "data.batch_size=4", "data.crop_size=32", "data.large_crop_size=40",
          "data.num_workers=0", "trainer.log_every=1", "trainer.epochs=2"]
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    """step -> loss of metrics.jsonl's train rows (a row logged again after a resume wins)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 def val_rows(run: Path) -> list[dict]:

@@ -3,14 +3,14 @@ c10d rendezvous on 127.0.0.1) run one ``abnexp train`` job, as two nodes would; 
 same job run by one agent with 2 processes (``--standalone --nproc_per_node=2``)."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
+from conftest import only_run_dir, train_losses
 
 pytestmark = pytest.mark.slow  # three torchrun agents, four gloo processes
 
@@ -29,17 +29,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def only_run_dir(cwd: Path) -> Path:
-    dirs = list((cwd / "runs").iterdir())
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
-
-
 def test_two_agents_with_c10d_rendezvous_equal_one_node_with_two_processes(demo_root, tmp_path):
     two_nodes, one_node = tmp_path / "two_nodes", tmp_path / "one_node"
     two_nodes.mkdir(), one_node.mkdir()
@@ -55,7 +44,7 @@ def test_two_agents_with_c10d_rendezvous_equal_one_node_with_two_processes(demo_
 
     run, reference_run = only_run_dir(two_nodes), only_run_dir(one_node)  # one run dir for the two agents
     assert len(list(run.glob("events.out.tfevents.*"))) == 1 and (run / "checkpoints" / "last.pt").is_file()
-    got, want = losses(run), losses(reference_run)
+    got, want = train_losses(run), train_losses(reference_run)
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in want:  # the same shards, statistics and all-reduced gradients: equal up to rounding
         assert got[step] == pytest.approx(want[step], rel=1e-6), step

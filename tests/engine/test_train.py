@@ -7,17 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, train_losses
 
 pytestmark = pytest.mark.slow  # the CLI end to end: training runs on the demo data
 
 TINY = ["model=resnet18", "data.batch_size=16", "data.crop_size=32", "data.large_crop_size=40",
         "data.num_workers=0", "trainer.log_every=1", "trainer.epochs=2"]
-
-
-def train_losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from abnexp.config import compose
 from abnexp.errors import ConfigError
 from abnexp.tasks import build_task
 from abnexp.tasks.base import RunContext
+from conftest import write_tiny_cityscapes
 
 pytest.importorskip("cityscapesscripts")
 
@@ -32,18 +33,7 @@ def run_eval(cfg, collate_fn=None, batch_size=1):
 @pytest.fixture(scope="module")
 def tiny_cityscapes(tmp_path_factory):
     """5 val demo composites (64x128 labelIds, incl. 0 = unlabeled) in the Cityscapes layout."""
-    from abnexp.data.demo_cityscapes import _textures, compose as composite
-
-    root = tmp_path_factory.mktemp("tiny_cityscapes")
-    textures, rng = _textures(), np.random.default_rng(0)
-    for split, count in (("train", 1), ("val", 5)):
-        (root / "leftImg8bit" / split / "ulm").mkdir(parents=True)
-        (root / "gtFine" / split / "ulm").mkdir(parents=True)
-        for i in range(count):
-            image, label = composite(textures, rng)
-            Image.fromarray(image).save(root / f"leftImg8bit/{split}/ulm/ulm_000000_{i:06d}_leftImg8bit.png")
-            Image.fromarray(label).save(root / f"gtFine/{split}/ulm/ulm_000000_{i:06d}_gtFine_labelIds.png")
-    return root
+    return write_tiny_cityscapes(tmp_path_factory.mktemp("tiny_cityscapes"), {"train": 1, "val": 5})
 
 
 def cityscapes_official(gt_files: list[str], predictions, tmp_path, monkeypatch) -> dict:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, train_losses
 
 pytestmark = pytest.mark.slow  # Mask R-CNN training steps through the CLI
 
@@ -19,11 +19,6 @@ FAST = ["task=detection", "data.num_workers=0", "trainer.log_every=1", "data.min
         "head.rpn_pre_nms_top_n_train=200", "head.rpn_post_nms_top_n_train=50", "head.box_batch_size_per_image=16",
         "head.rpn_pre_nms_top_n_test=100", "head.rpn_post_nms_top_n_test=20", "head.box_detections_per_img=10"]
 NORMS = {"bn": [], "mabn": [], "cbn": ["norm.burnin_iters=0", "norm.window=2"]}  # cbn: compensation from step 2
-
-
-def train_losses(run) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
 @pytest.mark.parametrize("norm", list(NORMS))

@@ -10,25 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, write_tiny_cityscapes
 from test_config import compose_cfg
 
 
 @pytest.fixture(scope="module")
 def tiny_cityscapes(tmp_path_factory):
     """8 train + 4 val demo composites (64x128) in the Cityscapes layout."""
-    from abnexp.data.demo_cityscapes import _textures, compose
-
-    root = tmp_path_factory.mktemp("tiny_cityscapes")
-    textures, rng = _textures(), np.random.default_rng(0)
-    for split, count in (("train", 8), ("val", 4)):
-        (root / "leftImg8bit" / split / "ulm").mkdir(parents=True)
-        (root / "gtFine" / split / "ulm").mkdir(parents=True)
-        for i in range(count):
-            image, label = compose(textures, rng)
-            Image.fromarray(image).save(root / f"leftImg8bit/{split}/ulm/ulm_000000_{i:06d}_leftImg8bit.png")
-            Image.fromarray(label).save(root / f"gtFine/{split}/ulm/ulm_000000_{i:06d}_gtFine_labelIds.png")
-    return root
+    return write_tiny_cityscapes(tmp_path_factory.mktemp("tiny_cityscapes"), {"train": 8, "val": 4})
 
 
 def test_task_semseg_selects_its_defaults_and_the_command_line_wins():
