@@ -190,17 +190,24 @@ def _summarize(tr: AllocationTracker, marks: dict, kept: list, batch: int, crop:
         top_modules=sorted(per_module.items(), key=lambda kv: -kv[1])[:TOP_MODULES], events=list(tr.events))
 
 
+def _probes(step_at: Callable[[int], Optional[StepMemory]], capacity: int):
+    """(peak, fits) for a search over one size (batch or crop side): the allocated peak in bytes
+    of the step at that size (None: the model rejects it), and whether it fits ``capacity`` bytes."""
+    def peak(v: int) -> Optional[int]:
+        r = step_at(v)
+        return None if r is None else r.allocated_peak_bytes
+
+    def fits(v: int) -> bool:
+        r = step_at(v)
+        return r is not None and r.fits(capacity)
+
+    return peak, fits
+
+
 def max_batch(sim: Simulator, crop: int, capacity: int, multiple: int = 1, upper: int = 4096) -> int:
     """The largest batch (a multiple of ``multiple``) of ``crop``² whose step fits ``capacity``
     bytes; 0 if none. Batches the model rejects (BatchNorm at one value per channel) do not fit."""
-    def peak(b: int) -> Optional[int]:
-        r = sim.try_step(b, crop)
-        return None if r is None else r.allocated_peak_bytes
-
-    def fits(b: int) -> bool:
-        r = sim.try_step(b, crop)
-        return r is not None and r.fits(capacity)
-
+    peak, fits = _probes(lambda b: sim.try_step(b, crop), capacity)
     if multiple == 1 and not fits(2):
         return 1 if fits(1) else 0
     guess = _extrapolate(peak, 2 * multiple, multiple, upper, capacity, power=1)
@@ -211,14 +218,7 @@ def max_crop(sim: Simulator, batch: int, capacity: int, start: int, multiple: in
              upper: int = 4096) -> int:
     """The largest square crop side (a multiple of ``multiple``) whose step at ``batch`` fits
     ``capacity`` bytes, extrapolated from ``start``; 0 if not even ``multiple`` fits."""
-    def peak(c: int) -> Optional[int]:
-        r = sim.try_step(batch, c)
-        return None if r is None else r.allocated_peak_bytes
-
-    def fits(c: int) -> bool:
-        r = sim.try_step(batch, c)
-        return r is not None and r.fits(capacity)
-
+    peak, fits = _probes(lambda c: sim.try_step(batch, c), capacity)
     start = min(max(start // multiple * multiple, multiple), upper)
     guess = _extrapolate(peak, start, multiple, upper, capacity, power=2)
     return _search(fits, guess, multiple, multiple, upper)
