@@ -134,7 +134,7 @@ def train(cfg, run_dir: str | Path) -> dict:
     # the losses since the last check, summed on the device: a non-finite loss poisons the sum, which
     # is read (one host synchronization) at each log line and before each checkpoint, not every step
     window = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0, "images": 0,
-              "since": step}
+              "since": step, "start": time.perf_counter()}
 
     def window_mean_loss() -> float:
         """The global batch's mean loss over the window (a collective); raises TrainingDiverged if any
@@ -148,7 +148,8 @@ def train(cfg, run_dir: str | Path) -> dict:
         return mean
 
     def reset_window() -> None:
-        window.update(loss=torch.zeros_like(window["loss"]), steps=0, images=0, since=step)
+        window.update(loss=torch.zeros_like(window["loss"]), steps=0, images=0, since=step,
+                      start=time.perf_counter())
 
     def checkpoint(step_file: bool = False, is_best: bool = False) -> None:
         window_mean_loss()  # never save a model a non-finite loss has updated
@@ -184,7 +185,6 @@ def train(cfg, run_dir: str | Path) -> dict:
             done_in_epoch = step - epoch * steps_per_epoch
             sampler.set_epoch(epoch, start=done_in_epoch * batch_size)
             reset_window()
-            t0 = time.perf_counter()
             preempted = False
             for i, batch in enumerate(loader, start=done_in_epoch):
                 if i >= steps_per_epoch:
@@ -205,13 +205,12 @@ def train(cfg, run_dir: str | Path) -> dict:
                 window["images"] += n * env.world_size
                 if step % cfg.trainer.log_every == 0 or i + 1 == steps_per_epoch:
                     mean_loss = window_mean_loss()
-                    seconds = time.perf_counter() - t0
+                    seconds = time.perf_counter() - window["start"]
                     logger.train(step, epoch, {
                         "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                         "images_per_s": window["images"] / max(seconds, 1e-9),
                         "peak_memory_bytes": peak_memory_bytes(device)}, advance=window["steps"])
                     reset_window()
-                    t0 = time.perf_counter()
                 preempted, time_due = on_any_rank(signals.received is not None, ckpts.time_due())
                 if preempted or finished():
                     break
