@@ -8,7 +8,9 @@ so with ``build_norm_act("bn", activation="relu")`` a torchvision state dict loa
 ``strict=True`` and gives the same outputs.
 
 Blocks are post-activation: conv -> norm_act -> ... -> conv -> norm (identity activation),
-plus the shortcut, then a standalone (never in-place) activation. Norm layers only ever see
+plus the shortcut, then a standalone activation, in place on the fresh sum as torchvision's
+``relu(inplace=True)`` (autograd keeps the block output only, not the sum too). The sum is out of
+place, since the last norm may keep its output (InPlace-ABN). Norm layers only ever see
 convolution outputs, so in-place norms (InPlace-ABN) are safe here.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ class BasicBlock(ResidualBlock):
         self.conv2 = conv(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
         self.bn2 = norm_act(planes, activation="identity", conv=self.conv2)
         self.downsample = downsample
-        self.act = norm_act.activation_module()
+        self.act = norm_act.activation_module(inplace=True)
 
     def last_norm(self) -> nn.Module:
         return self.bn2
@@ -76,7 +78,7 @@ class Bottleneck(ResidualBlock):
         self.conv3 = conv(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = norm_act(planes * self.expansion, activation="identity", conv=self.conv3)
         self.downsample = downsample
-        self.act = norm_act.activation_module()
+        self.act = norm_act.activation_module(inplace=True)
 
     def last_norm(self) -> nn.Module:
         return self.bn3

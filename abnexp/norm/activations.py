@@ -38,7 +38,7 @@ class Activation:
     backward: Callable[[Tensor, Tensor, float], Tensor]
     inverse: Optional[Callable[[Tensor, float], Tensor]]
     invertible: Callable[[float], bool]
-    module: Callable[[float], nn.Module]
+    module: Callable[[float, bool], nn.Module]
 
 
 # --- leaky_relu: phi(y) = y (y >= 0), a*y (y < 0); param = slope a -----------------------
@@ -101,15 +101,15 @@ def _identity_inverse(z: Tensor, _: float) -> Tensor:
 ACTIVATIONS: dict[str, Activation] = {
     "leaky_relu": Activation("leaky_relu", _leaky_forward_, _leaky_backward, _leaky_inverse,
                              invertible=lambda a: float(a) > 0.0,
-                             module=lambda a: nn.LeakyReLU(float(a))),
+                             module=lambda a, inplace: nn.LeakyReLU(float(a), inplace)),
     "elu": Activation("elu", _elu_forward_, _elu_backward, _elu_inverse,
                       invertible=lambda alpha: float(alpha) > 0.0,
-                      module=lambda alpha: nn.ELU(float(alpha))),
+                      module=lambda alpha, inplace: nn.ELU(float(alpha), inplace)),
     "relu": Activation("relu", _relu_forward_, _relu_backward, None,
-                       invertible=lambda _: False, module=lambda _: nn.ReLU()),
+                       invertible=lambda _: False, module=lambda _, inplace: nn.ReLU(inplace)),
     "identity": Activation("identity", _identity_forward_, _identity_backward,
                            _identity_inverse, invertible=lambda _: True,
-                           module=lambda _: nn.Identity()),
+                           module=lambda _, inplace: nn.Identity()),
 }
 """name -> :class:`Activation`. ``param`` is the LeakyReLU slope / ELU alpha (ignored
 by relu and identity)."""
@@ -128,18 +128,23 @@ def get_activation(name: str) -> Activation:
                          f"{', '.join(ACTIVATIONS)}") from None
 
 
-def make_activation(name: str, param: float) -> nn.Module:
-    """A standalone (not in-place) ``nn.Module`` computing activation ``name``.
+def make_activation(name: str, param: float, inplace: bool = False) -> nn.Module:
+    """A standalone ``nn.Module`` computing activation ``name`` (torch's LeakyReLU / ELU / ReLU /
+    Identity).
 
     Args:
         name: one of ``"leaky_relu"`` (``param`` = negative slope), ``"elu"``
             (``param`` = alpha), ``"relu"``, ``"identity"`` (``param`` ignored).
         param: the activation parameter (dimensionless).
+        inplace: overwrite the input (as torchvision's ``ReLU(inplace=True)`` after a residual
+            sum): autograd then keeps the output only, one buffer instead of two. Only for inputs
+            nothing else needs; ignored for a negative slope / alpha, whose in-place backward
+            torch rejects (see :func:`activate`).
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names).
     """
-    return get_activation(name).module(param)
+    return get_activation(name).module(param, inplace and not _negative(name, param))
 
 
 def activate(name: str, y: Tensor, param: float) -> Tensor:
@@ -153,9 +158,14 @@ def activate(name: str, y: Tensor, param: float) -> Tensor:
         ValueError: unknown ``name``.
     """
     act = get_activation(name)
-    if name in ("leaky_relu", "elu") and float(param) < 0:
-        return act.module(param)(y)
+    if _negative(name, param):
+        return act.module(param, False)(y)
     return act.forward_(y, param)
+
+
+def _negative(name: str, param: float) -> bool:
+    """A negative leaky_relu slope / elu alpha: no in-place form, no backward from the output."""
+    return name in ("leaky_relu", "elu") and float(param) < 0
 
 
 def is_invertible(name: str, param: float) -> bool:
@@ -176,7 +186,7 @@ def check_output_form(name: str, param: float, layer: str) -> None:
     leaky_relu slope / elu alpha; the layers that use this backward call this check.
     """
     get_activation(name)
-    if name in ("leaky_relu", "elu") and float(param) < 0:
+    if _negative(name, param):
         raise ValueError(f"{layer}: activation {name!r} needs activation_param >= 0, got "
                          f"{param!r} (use ABN for other values)")
 

@@ -59,6 +59,7 @@ class NormAct:
             **extra,
         )
 
-    def activation_module(self) -> nn.Module:
-        """The configured activation alone, e.g. after a residual addition (not in place)."""
-        return make_activation(self.activation, self.activation_param)
+    def activation_module(self, inplace: bool = False) -> nn.Module:
+        """The configured activation alone, e.g. after a residual addition; ``inplace`` overwrites
+        its input (for a fresh tensor such as the residual sum; see :func:`make_activation`)."""
+        return make_activation(self.activation, self.activation_param, inplace)
