@@ -63,9 +63,10 @@ def make_models(norms, device) -> dict[str, torch.nn.Module]:
     return {k: m.to(device).train() for k, m in models.items()}
 
 
-def make_step(model, x, y):
-    """One training step of ``model`` (DDP-wrapped or not) on the fixed batch (x, y)."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+def make_step(model, x, y, opt=None):
+    """One training step of ``model`` (DDP-wrapped or not) on the fixed batch (x, y); ``opt``
+    defaults to torch's SGD (momentum 0.9, torch's default implementation)."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -193,20 +194,23 @@ def trainer_images_per_s(overrides: list[str], steps: int) -> float:
 
 
 def bare_images_per_s(overrides: list[str], repeats: int, warmup: int, device) -> float:
-    """Images/s of the same model's bare step (random batch of the trainer's shape, no data loading,
-    no logging), ``torch.compile``'d when the overrides say trainer.compile=true."""
+    """Images/s of the same model's bare step (random batch of the trainer's shape, the trainer's
+    optimizer, no data loading, no logging), ``torch.compile``'d when the overrides say
+    trainer.compile=true."""
     from abnexp.config import compose
+    from abnexp.engine.optim import build_optimizer
     from abnexp.tasks import build_task
 
     cfg = compose([*TRAINER, *overrides])
     torch.manual_seed(0)
     model = build_task(cfg).build_model().to(device).train()
+    optimizer = build_optimizer(model, cfg.optim, cfg.data.batch_size)
     if cfg.trainer.compile:
         model = torch.compile(model, mode=cfg.trainer.compile_mode)
     n, crop = cfg.data.batch_size, cfg.data.crop_size
     x = torch.randn(n, 3, crop, crop, device=device)
     y = torch.randint(0, cfg.data.num_classes, (n,), device=device)
-    times = time_interleaved({"bare": make_step(model, x, y)}, repeats, warmup, device)["bare"]
+    times = time_interleaved({"bare": make_step(model, x, y, optimizer)}, repeats, warmup, device)["bare"]
     return n / statistics.median(times)
 
 
@@ -247,7 +251,7 @@ def trainer_section(args) -> list[str]:
              f"{cfg.data.batch_size}, {cfg.data.crop_size}² crops, {cfg.data.num_workers} loader workers, "
              "persistent): median images/s over the log windows after the first (worker start and "
              "compilation left out). Bare step: the same model, a random batch of the same shape, no "
-             f"data loading; median of {args.repeats} steps after {args.warmup} warm-up steps. Goal: trainer "
+             f"data loading, the trainer's optimizer; median of {args.repeats} steps after {args.warmup} warm-up steps. Goal: trainer "
              f">= 0.90x bare. Loading one training image (decode + augmentation, one thread) takes "
              f"{1e3 * load:.2f} ms"]
     if cores:

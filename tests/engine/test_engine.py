@@ -6,9 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from abnexp.engine.checkpoint import load_checkpoint, save_checkpoint
-from abnexp.engine.optim import EpochLR, param_groups
+from abnexp.engine.optim import EpochLR, build_optimizer, param_groups
 from abnexp.errors import ConfigError
 
 
@@ -58,6 +59,28 @@ def test_param_groups_exclude_norm_and_bias():
     assert [len(g["params"]) for g in groups] == [2, 4]  # conv.w, fc.w | conv.b, bn.w, bn.b, fc.b
     assert groups[1]["weight_decay"] == 0.0
     assert len(param_groups(model, 1e-4, decay_norm_and_bias=True)) == 1
+
+
+def test_build_optimizer_steps_nesterov_sgd_with_decay_on_weights_only():
+    """Two steps of the (fused) optimizer against SGD with Nesterov momentum written out by hand
+    (torch's documented update: g = grad + wd p; b = g, then mu b + g; p -= lr (g + mu b))."""
+    optim = OmegaConf.create({"name": "sgd", "lr": 0.1, "base_batch_size": 256, "scale_lr": False,
+                              "momentum": 0.9, "nesterov": True, "weight_decay": 0.01,
+                              "decay_norm_and_bias": False})
+    model = torch.nn.Linear(3, 2).double()
+    opt = build_optimizer(model, optim, 256)
+    assert opt.defaults["fused"]  # CPU float parameters: the fused update
+    grads = [torch.linspace(-1, 1, 6, dtype=torch.float64).view(2, 3), torch.tensor([0.5, -2.0], dtype=torch.float64)]
+    expected, buffers = [p.detach().clone() for p in model.parameters()], [None, None]
+    for step in range(2):
+        for i, (p, g) in enumerate(zip(model.parameters(), grads)):
+            p.grad = g * (step + 1)
+            d = p.grad + (0.01 * expected[i] if i == 0 else 0.0)  # bias: no decay
+            buffers[i] = d if buffers[i] is None else 0.9 * buffers[i] + d
+            expected[i] = expected[i] - 0.1 * (d + 0.9 * buffers[i])
+        opt.step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
