@@ -80,8 +80,21 @@ class CenConv2d(nn.Conv2d):
     layer when ``norm=mabn`` (models build such convs with ``norm_act.conv``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        return self._conv_forward(x, w - w.mean(dim=(1, 2, 3), keepdim=True), self.bias)
+        return self._conv_forward(x, _Centralize.apply(self.weight), self.bias)
+
+
+class _Centralize(torch.autograd.Function):
+    """w - mean(w) per output filter (over dims 1-3). The map is the orthogonal projection
+    P = I - 11^T / n on each filter, which is symmetric, so dL/dw = P dL/dw_c: the same two ops
+    backward as forward (autograd through mean and sub takes seven)."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        return w - w.mean(dim=(1, 2, 3), keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad - grad.mean(dim=(1, 2, 3), keepdim=True)
 
 
 class _MABNFunction(torch.autograd.Function):
