@@ -15,7 +15,7 @@ class ABN(NormActBase):
 
     y = BN_{gamma,beta}(x) via ``torch.nn.functional.batch_norm`` (paper Eq. 1-2), then
     z = phi(y) applied in place on y, so autograd keeps x (for BN) and z (for phi): the
-    paper's "stores x, z, mu_B, sigma_B".
+    paper's "stores x, z, mu_B, sigma_B" (x only with the identity activation, which needs no z).
 
     Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); float64/32/16 or bfloat16
     (half inputs with float32 parameters and statistics, e.g. under ``torch.autocast``);

@@ -70,8 +70,9 @@ class _CheckpointedABNFunction(torch.autograd.Function):
             if variant != "proposed":
                 z = (native.ops().forward(x, mean, invstd, gamma, beta, activation, param)
                      if use_native else Fn.forward(x, mean, invstd, gamma, beta, activation, param))
-                kept = (x, mean, invstd, weight, bias) + ((z,) if variant == STANDARD else ())
-                ctx.save_for_backward(*kept)
+                # STANDARD keeps z for phi's backward; the identity needs none (BN alone keeps x)
+                kept_z = (z if activation != "identity" else None,) if variant == STANDARD else ()
+                ctx.save_for_backward(x, mean, invstd, weight, bias, *kept_z)
             else:
                 if use_native:
                     zero, one = torch.zeros_like(mean), torch.ones_like(mean)
