@@ -21,9 +21,11 @@ Example: ``OMP_NUM_THREADS=2 python scripts/bench_train.py --repeats 6``
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import platform
 import re
+import resource
 import shlex
 import socket
 import statistics
@@ -52,6 +54,24 @@ DDP_PAIRS = {"syncbn": "bn", "inplace_abn_sync": "inplace_abn"}
 """synchronized norm -> local counterpart it is compared with under DDP (goal <= DDP_GOAL)."""
 DDP_GOAL = 1.10
 TORCHVISION = "torchvision resnet50"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Tells glibc's malloc to keep freed memory in the process: no heap trim below 1 GiB free,
+    heap (not mmap) allocations up to 32 MiB, the maximum. With the defaults the heap is trimmed
+    and regrown from step to step, and the page faults (0 to 60 000 per ResNet-50 step here) land
+    on different models in different runs; PyTorch's CPU tuning guide's advice (jemalloc or
+    tcmalloc) removes them the same way. Returns False where there is no glibc (nothing changed)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 2**25))
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def make_models(norms, device) -> dict[str, torch.nn.Module]:
@@ -80,23 +100,25 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(steps: dict, repeats: int, warmup: int, device) -> dict[str, list[float]]:
-    """Seconds per step of every entry of ``steps``, ``repeats`` interleaved rounds after
-    ``warmup`` rounds (CBN's window, k = 4, is full after 3 steps)."""
+def time_interleaved(steps: dict, repeats: int, warmup: int, device
+                     ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Seconds and minor page faults per step of every entry of ``steps``, ``repeats``
+    interleaved rounds after ``warmup`` rounds (CBN's window, k = 4, is full after 3 steps)."""
     for _ in range(warmup):
         for step in steps.values():
             step()
-    times = {k: [] for k in steps}
+    times, faults = {k: [] for k in steps}, {k: [] for k in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             if dist.is_initialized():
                 dist.barrier()
             sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = minor_faults(), time.perf_counter()
             step()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return times
+            faults[name].append(minor_faults() - f0)
+    return times, faults
 
 
 def batch(n, args, device):
@@ -105,13 +127,14 @@ def batch(n, args, device):
     return x, torch.randint(0, 1000, (n,), generator=g).to(device)
 
 
-def bench_local(args, device) -> dict[str, float]:
-    """Median seconds per step, one process, every norm and torchvision."""
+def bench_local(args, device) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds and minor page faults per step, one process, every norm and torchvision."""
     models = make_models(args.norms, device)
     x, y = batch(args.batch, args, device)
     steps = {k: make_step(m, x, y) for k, m in models.items()}
-    times = time_interleaved(steps, args.repeats, args.warmup, device)
-    return {k: statistics.median(v) for k, v in times.items()}
+    times, faults = time_interleaved(steps, args.repeats, args.warmup, device)
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: statistics.median(v) for k, v in faults.items()})
 
 
 def free_port() -> int:
@@ -123,6 +146,8 @@ def free_port() -> int:
 def ddp_worker(rank: int, world: int, port: int, args, queue) -> None:
     """One gloo process: the DDP pairs interleaved; rank 0 puts the medians on ``queue``."""
     torch.set_num_threads(max(1, args.threads // world))
+    if args.malloc == "keep":
+        keep_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -134,7 +159,7 @@ def ddp_worker(rank: int, world: int, port: int, args, queue) -> None:
         share = args.batch // world
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         steps = {k: make_step(torch.nn.parallel.DistributedDataParallel(m), x, y) for k, m in models.items()}
-        times = time_interleaved(steps, args.repeats, args.warmup, device)
+        times = time_interleaved(steps, args.repeats, args.warmup, device)[0]
         latency = collective_latency()
         if rank == 0:
             layers = sum(isinstance(m, SYNC_LAYERS) for m in models["syncbn"].modules())
@@ -210,7 +235,7 @@ def bare_images_per_s(overrides: list[str], repeats: int, warmup: int, device) -
     n, crop = cfg.data.batch_size, cfg.data.crop_size
     x = torch.randn(n, 3, crop, crop, device=device)
     y = torch.randint(0, cfg.data.num_classes, (n,), device=device)
-    times = time_interleaved({"bare": make_step(model, x, y, optimizer)}, repeats, warmup, device)["bare"]
+    times = time_interleaved({"bare": make_step(model, x, y, optimizer)}, repeats, warmup, device)[0]["bare"]
     return n / statistics.median(times)
 
 
@@ -274,7 +299,7 @@ def trainer_section(args) -> list[str]:
     return lines
 
 
-def report(args, device, local, ddp) -> Path:
+def report(args, device, local, faults, ddp) -> Path:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
@@ -289,19 +314,22 @@ def report(args, device, local, ddp) -> Path:
              f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} {command}`", "",
              f"Machine: {machine}; {args.threads} threads; torch {torch.__version__}; native kernels "
              f"{'on' if native.ENABLED else 'off (ABNEXP_NATIVE=0)'}; load average (1, 5, 15 min) at the "
-             f"end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}.", "",
+             f"end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}; malloc: "
+             + ("freed memory kept in the process (glibc mallopt M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD "
+                "32 MiB: no page faults from heap trims, see keep_freed_memory)." if args.malloc == "keep"
+                else "the C library's defaults."), "",
              f"One step = zero_grad + forward + cross-entropy + backward + SGD (momentum 0.9), "
              f"{args.batch} x 3 x {args.crop} x {args.crop} float32, contiguous; median of {args.repeats} "
              f"interleaved repeats after {args.warmup} warm-up rounds. Each norm's defaults "
              "(leaky_relu 0.01; CBN window 4 with burnin_iters=0, so the compensated window is in "
              "use; MABN with CenConv2d). The synchronized norms in one process take their local path.",
-             "", "| model | ms / step | x torchvision | goal |", "|---|---|---|---|",
-             f"| {TORCHVISION} | {1e3 * ref:.0f} | 1.00 | |"]
+             "", "| model | ms / step | x torchvision | goal | minor page faults / step |", "|---|---|---|---|---|",
+             f"| {TORCHVISION} | {1e3 * ref:.0f} | 1.00 | | {faults[TORCHVISION]:.0f} |"]
     for name in args.norms:
         ratio, goal = local[name] / ref, GOALS.get(name)
         mark = "" if goal is None else f"<= {goal:.2f} ({'met' if ratio <= goal else 'NOT met'})"
         lines.append(f"| abnexp resnet50 norm={name}{' (1 process)' if name in DDP_PAIRS else ''} | "
-                     f"{1e3 * local[name]:.0f} | {ratio:.2f} | {mark} |")
+                     f"{1e3 * local[name]:.0f} | {ratio:.2f} | {mark} | {faults[name]:.0f} |")
     if ddp:
         lines += ["", f"## {args.world_size} gloo processes under DistributedDataParallel", "",
                   f"{args.batch // args.world_size} samples and {max(1, args.threads // args.world_size)} "
@@ -338,17 +366,21 @@ def main(argv=None) -> None:
     parser.add_argument("--world-size", type=int, default=2, help="DDP processes (0: skip the DDP part)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="report path (default results/bench_train_<device>.md)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: glibc's malloc keeps freed memory (keep_freed_memory); default: untouched")
     parser.add_argument("--trainer-steps", type=int, default=60, help="optimizer steps of each timed abnexp train")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep" and not keep_freed_memory():
+        args.malloc = "default"
     device = torch.device(args.device)
-    local = bench_local(args, device)
+    local, faults = bench_local(args, device)
     for name, sec in local.items():
         print(f"{name:28s} {1e3 * sec:8.0f} ms  {sec / local[TORCHVISION]:.2f}x", flush=True)
     ddp = bench_ddp(args) if args.world_size > 1 and device.type == "cpu" else ()
     for name, sec in (ddp[0] if ddp else {}).items():
         print(f"DDP x{args.world_size} {name:20s} {1e3 * sec:8.0f} ms", flush=True)
-    print(f"wrote {report(args, device, local, ddp)}")
+    print(f"wrote {report(args, device, local, faults, ddp)}")
 
 
 if __name__ == "__main__":
