@@ -26,6 +26,8 @@ constexpr int64_t kTaskElems = 1 << 16;   // values of one channel per parallel 
 constexpr int64_t kBlockElems = 1 << 12;  // values per block reduced in acc_t
 constexpr int64_t kMaxBlockRows = 256;    // channels-last: rows per block
 constexpr int64_t kSerialElems = 1 << 15;  // less work than this runs on one thread
+constexpr int64_t kSmallInner = 512;      // channel-major reductions with fewer spatial values
+                                          // per channel (S) walk memory in order (reduce_small_inner)
 
 struct Welford {
   double n = 0, mean = 0, m2 = 0;
@@ -50,8 +52,9 @@ struct Sums {
 // in channel-major layout; each piece is contiguous in memory.
 template <class F>
 inline void for_each_run(int64_t begin, int64_t end, int64_t S, const F& f) {
-  for (int64_t i = begin; i < end;) {
-    const int64_t n = i / S, s = i % S, len = std::min(S - s, end - i);
+  int64_t n = begin / S, s = begin % S;
+  for (int64_t i = begin; i < end; ++n, s = 0) {
+    const int64_t len = std::min(S - s, end - i);
     f(n, s, len);
     i += len;
   }
@@ -195,21 +198,75 @@ void elementwise(const Geometry& g, const Op& shared_op) {
 #pragma omp simd
         for (int64_t c = c0; c < c0 + len; ++c) op.apply(base + c, c);
         i += len;
-      } else {
-        const int64_t run = i / S, len = std::min(S - i % S, end - i), c = run % C;
+      } else {  // runs of S values of one channel; the channel advances by one per run
+        int64_t c = (i / S) % C, len = std::min(S - i % S, end - i);
+        for (; i < end; len = std::min(S, end - i)) {
 #pragma omp simd
-        for (int64_t j = i; j < i + len; ++j) op.apply(j, c);
-        i += len;
+          for (int64_t j = i; j < i + len; ++j) op.apply(j, c);
+          i += len;
+          c = c + 1 == C ? 0 : c + 1;
+        }
       }
     }
   });
+}
+
+// Channel-major sums for small S: one channel's runs lie C * S values apart, too many
+// interleaved streams (N runs times the tensors read) for the prefetchers when S is small, so
+// each task takes a block of channels [c0, c1) (about kBlockElems values per sample n, contiguous)
+// and a range of samples, reads them in memory order and accumulates per (channel, position)
+// lanes in acc_t (at most kTaskElems / kBlockElems samples per lane), summed in double per task.
+template <typename acc, class Op>
+void reduce_small_inner(const Geometry& g, const Op& shared_op, std::vector<Sums>& total) {
+  const int64_t C = g.channels, S = g.inner, N = g.outer;
+  const int64_t block_c = std::max<int64_t>(1, kBlockElems / S);
+  const int64_t blocks = (C + block_c - 1) / block_c;
+  const int64_t samples = std::max<int64_t>(1, kTaskElems / (block_c * S));
+  const int64_t chunks = (N + samples - 1) / samples;
+  std::vector<Sums> partial(chunks * C);
+  at::parallel_for(0, blocks * chunks, grain(blocks * chunks, g.numel()), [&](int64_t begin, int64_t end) {
+    const Op op = shared_op;
+    std::vector<acc> lanes_u(block_c * S), lanes_v(block_c * S);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, k = task % chunks;
+      const int64_t c0 = b * block_c, c1 = std::min(C, c0 + block_c);
+      std::fill(lanes_u.begin(), lanes_u.end(), acc(0));
+      std::fill(lanes_v.begin(), lanes_v.end(), acc(0));
+      for (int64_t n = k * samples; n < std::min(N, (k + 1) * samples); ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t base = (n * C + c) * S;
+          acc* __restrict__ pu = lanes_u.data() + (c - c0) * S;
+          acc* __restrict__ pv = lanes_v.data() + (c - c0) * S;
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) {
+            acc du, dv;
+            op.eval(base + s, c, du, dv);
+            pu[s] += du;
+            pv[s] += dv;
+          }
+        }
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        Sums sums;
+        for (int64_t s = 0; s < S; ++s) {
+          sums.u += lanes_u[(c - c0) * S + s];
+          sums.v += lanes_v[(c - c0) * S + s];
+        }
+        partial[k * C + c] = sums;
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t k = 0; k < chunks; ++k) total[c].merge(partial[k * C + c]);
 }
 
 template <typename acc, class Op>
 void reduce_sums(const Geometry& g, const Op& shared_op, acc* out_u, acc* out_v) {
   const int64_t C = g.channels, S = g.inner, m = g.count();
   std::vector<Sums> total(C);
-  if (!g.channels_last) {
+  if (!g.channels_last && S < kSmallInner) {
+    reduce_small_inner<acc>(g, shared_op, total);
+  } else if (!g.channels_last) {
     const int64_t chunks = std::max<int64_t>(1, (m + kTaskElems - 1) / kTaskElems);
     std::vector<Sums> partial(C * chunks);
     at::parallel_for(0, C * chunks, grain(C * chunks, g.numel()), [&](int64_t begin, int64_t end) {
