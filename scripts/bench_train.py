@@ -24,6 +24,7 @@ import argparse
 import ctypes
 import os
 import platform
+import random
 import re
 import resource
 import shlex
@@ -103,13 +104,18 @@ def sync(device):
 def time_interleaved(steps: dict, repeats: int, warmup: int, device
                      ) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
     """Seconds and minor page faults per step of every entry of ``steps``, ``repeats``
-    interleaved rounds after ``warmup`` rounds (CBN's window, k = 4, is full after 3 steps)."""
+    interleaved rounds after ``warmup`` rounds (CBN's window, k = 4, is full after 3 steps).
+    Each round visits the entries in its own order (a permutation seeded by the round's number,
+    the same on every rank), so no model always runs after the same one."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     times, faults = {k: [] for k in steps}, {k: [] for k in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for r in range(repeats):
+        order = list(steps)
+        random.Random(r).shuffle(order)
+        for name in order:
+            step = steps[name]
             if dist.is_initialized():
                 dist.barrier()
             sync(device)
@@ -127,13 +133,21 @@ def batch(n, args, device):
     return x, torch.randint(0, 1000, (n,), generator=g).to(device)
 
 
-def bench_local(args, device) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds and minor page faults per step, one process, every norm and torchvision."""
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over the rounds of ``name``'s time / ``reference``'s time in the same round: a paired
+    comparison, so a change of the machine's speed between rounds cancels."""
+    return statistics.median(t / ref for t, ref in zip(times[name], times[reference]))
+
+
+def bench_local(args, device) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Median seconds per step, paired ratio to torchvision's and median minor page faults per
+    step; one process, every norm and torchvision."""
     models = make_models(args.norms, device)
     x, y = batch(args.batch, args, device)
     steps = {k: make_step(m, x, y) for k, m in models.items()}
     times, faults = time_interleaved(steps, args.repeats, args.warmup, device)
     return ({k: statistics.median(v) for k, v in times.items()},
+            {k: paired_ratio(times, k, TORCHVISION) for k in times},
             {k: statistics.median(v) for k, v in faults.items()})
 
 
@@ -163,7 +177,8 @@ def ddp_worker(rank: int, world: int, port: int, args, queue) -> None:
         latency = collective_latency()
         if rank == 0:
             layers = sum(isinstance(m, SYNC_LAYERS) for m in models["syncbn"].modules())
-            queue.put(({k: statistics.median(v) for k, v in times.items()}, latency, layers))
+            ratios = {k: paired_ratio(times, k, local) for k, local in DDP_PAIRS.items()}
+            queue.put(({k: statistics.median(v) for k, v in times.items()}, ratios, latency, layers))
     finally:
         dist.destroy_process_group()
 
@@ -188,9 +203,10 @@ def collective_latency(channels: int = 2048, rounds: int = 200) -> dict[str, flo
     return out
 
 
-def bench_ddp(args) -> tuple[dict[str, float], dict[str, float], int]:
+def bench_ddp(args) -> tuple[dict[str, float], dict[str, float], dict[str, float], int]:
     """Median seconds per step of the DDP pairs with ``args.world_size`` gloo processes (CPU), the
-    collectives' latency (:func:`collective_latency`) and the synchronized layers per model."""
+    synchronized norms' paired ratios to their counterparts, the collectives' latency
+    (:func:`collective_latency`) and the synchronized layers per model."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.start_processes(ddp_worker, args=(args.world_size, free_port(), args, queue), nprocs=args.world_size,
@@ -299,7 +315,7 @@ def trainer_section(args) -> list[str]:
     return lines
 
 
-def report(args, device, local, faults, ddp) -> Path:
+def report(args, device, local, ratios, faults, ddp) -> Path:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
@@ -319,14 +335,15 @@ def report(args, device, local, faults, ddp) -> Path:
                 "32 MiB: no page faults from heap trims, see keep_freed_memory)." if args.malloc == "keep"
                 else "the C library's defaults."), "",
              f"One step = zero_grad + forward + cross-entropy + backward + SGD (momentum 0.9), "
-             f"{args.batch} x 3 x {args.crop} x {args.crop} float32, contiguous; median of {args.repeats} "
-             f"interleaved repeats after {args.warmup} warm-up rounds. Each norm's defaults "
+             f"{args.batch} x 3 x {args.crop} x {args.crop} float32, contiguous; {args.repeats} interleaved "
+             f"rounds (each in its own shuffled order) after {args.warmup} warm-up rounds: the median time, "
+             "and the median over the rounds of the time / torchvision's time in the same round. Each norm's defaults "
              "(leaky_relu 0.01; CBN window 4 with burnin_iters=0, so the compensated window is in "
              "use; MABN with CenConv2d). The synchronized norms in one process take their local path.",
              "", "| model | ms / step | x torchvision | goal | minor page faults / step |", "|---|---|---|---|---|",
              f"| {TORCHVISION} | {1e3 * ref:.0f} | 1.00 | | {faults[TORCHVISION]:.0f} |"]
     for name in args.norms:
-        ratio, goal = local[name] / ref, GOALS.get(name)
+        ratio, goal = ratios[name], GOALS.get(name)
         mark = "" if goal is None else f"<= {goal:.2f} ({'met' if ratio <= goal else 'NOT met'})"
         lines.append(f"| abnexp resnet50 norm={name}{' (1 process)' if name in DDP_PAIRS else ''} | "
                      f"{1e3 * local[name]:.0f} | {ratio:.2f} | {mark} | {faults[name]:.0f} |")
@@ -334,11 +351,11 @@ def report(args, device, local, faults, ddp) -> Path:
         lines += ["", f"## {args.world_size} gloo processes under DistributedDataParallel", "",
                   f"{args.batch // args.world_size} samples and {max(1, args.threads // args.world_size)} "
                   f"thread(s) per process (global batch {args.batch}), the same step, interleaved; rank 0's "
-                  "medians.", "", "| norm | ms / step | local counterpart | ms / step | ratio | goal |",
-                  "|---|---|---|---|---|---|"]
-        ddp, latency, layers = ddp
+                  "medians, the ratio paired by round.", "",
+                  "| norm | ms / step | local counterpart | ms / step | ratio | goal |", "|---|---|---|---|---|---|"]
+        ddp, ddp_ratios, latency, layers = ddp
         for sync_name, local_name in DDP_PAIRS.items():
-            ratio = ddp[sync_name] / ddp[local_name]
+            ratio = ddp_ratios[sync_name]
             lines.append(f"| {sync_name} | {1e3 * ddp[sync_name]:.0f} | {local_name} | "
                          f"{1e3 * ddp[local_name]:.0f} | {ratio:.2f} | <= {DDP_GOAL:.2f} "
                          f"({'met' if ratio <= DDP_GOAL else 'NOT met'}) |")
@@ -374,13 +391,13 @@ def main(argv=None) -> None:
     if args.malloc == "keep" and not keep_freed_memory():
         args.malloc = "default"
     device = torch.device(args.device)
-    local, faults = bench_local(args, device)
+    local, ratios, faults = bench_local(args, device)
     for name, sec in local.items():
-        print(f"{name:28s} {1e3 * sec:8.0f} ms  {sec / local[TORCHVISION]:.2f}x", flush=True)
+        print(f"{name:28s} {1e3 * sec:8.0f} ms  {ratios[name]:.2f}x", flush=True)
     ddp = bench_ddp(args) if args.world_size > 1 and device.type == "cpu" else ()
     for name, sec in (ddp[0] if ddp else {}).items():
         print(f"DDP x{args.world_size} {name:20s} {1e3 * sec:8.0f} ms", flush=True)
-    print(f"wrote {report(args, device, local, faults, ddp)}")
+    print(f"wrote {report(args, device, local, ratios, faults, ddp)}")
 
 
 if __name__ == "__main__":
