@@ -118,7 +118,8 @@ class _BatchMoments(torch.autograd.Function):
 
 class _FusedNormalize(torch.autograd.Function):
     """z = phi(gamma * (x - mu) * invstd + beta) with gradients for x, mu, invstd (C,), weight
-    and bias, on the native kernels; keeps x and z. With dL/dy = phi'(z) dL/dz, xhat = (x - mu)
+    and bias, on the native kernels; keeps x and z (x only with the identity, whose backward needs
+    no z). With dL/dy = phi'(z) dL/dz, xhat = (x - mu)
     invstd: dL/dx = gamma invstd dL/dy, dL/dmu = -gamma invstd sum dL/dy, dL/dinvstd =
     gamma sum(dL/dy xhat) / invstd, dL/dgamma = sum dL/dy xhat, dL/dbeta = sum dL/dy."""
 
@@ -126,7 +127,7 @@ class _FusedNormalize(torch.autograd.Function):
     def forward(ctx, x, mu, invstd, weight, bias, activation, param):
         gamma, beta = affine_params(weight, bias, x.shape[1], mu.dtype, x.device)
         z = native.ops().forward(x, mu, invstd, gamma, beta, activation, param)
-        ctx.save_for_backward(x, mu, invstd, weight, bias, z)
+        ctx.save_for_backward(x, mu, invstd, weight, bias, z if activation != "identity" else None)
         ctx.act = (activation, param)
         return z
 

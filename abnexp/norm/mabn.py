@@ -50,7 +50,7 @@ corrupts its buffers:
 Native kernels (:mod:`abnexp.norm.native`, unless switched off or the activation has a negative
 slope / alpha): x2 is the ``linear_backward_reduce`` of (x, x) (sum x^2), the normalization is
 one fused ``forward`` pass with the activation (z kept, as autograd keeps it for the activation
-on the PyTorch path), the backward one ``linear_backward_reduce`` pass for (sum dL/dy, sum dL/dy
+on the PyTorch path; not with the identity, which needs none), the backward one ``linear_backward_reduce`` pass for (sum dL/dy, sum dL/dy
 * x) -- Psi_B = gamma r invstd sum(dL/dy x) / m -- and one ``linear_backward_elementwise`` pass
 for dL/dx = gamma r invstd dL/dy - invstd^2 Psi x.
 """
@@ -124,7 +124,9 @@ class _MABNFunction(torch.autograd.Function):
                 y = y + channel(bias.to(cdt), xg)
             ys.append(y)
         out = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)
-        ctx.save_for_backward(x, weight, invstd, r, *((out,) if use_native else ()))
+        # the native backward reads z for phi's backward; the identity needs none
+        ctx.save_for_backward(x, weight, invstd, r, *((out if activation != "identity" else None,)
+                                                      if use_native else ()))
         ctx.buffer_gz, ctx.slots, ctx.use_sma, ctx.group_size = buffer_gz, slots, use_sma, group_size
         ctx.act = (activation, param, use_native)
         return out
@@ -166,8 +168,9 @@ def _native_backward(ctx, dz):
     ops = native.ops()
     need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dxs, dweight, dbias = [], None, None
-    groups = zip(split_groups(x, ctx.group_size), split_groups(dz, ctx.group_size),
-                 split_groups(z, ctx.group_size))
+    x_groups = split_groups(x, ctx.group_size)
+    groups = zip(x_groups, split_groups(dz, ctx.group_size),
+                 split_groups(z, ctx.group_size) if z is not None else (None,) * len(x_groups))
     gamma, _ = affine_params(weight, None, x.shape[1], invstd.dtype, x.device)
     for i, (xg, dzg, zg) in enumerate(groups):
         sum_dy, sum_dy_x = ops.linear_backward_reduce(xg, dzg, zg, activation, param)
