@@ -341,12 +341,12 @@ def report(args, device, local, ratios, faults, ddp) -> Path:
              "(leaky_relu 0.01; CBN window 4 with burnin_iters=0, so the compensated window is in "
              "use; MABN with CenConv2d). The synchronized norms in one process take their local path.",
              "", "| model | ms / step | x torchvision | goal | minor page faults / step |", "|---|---|---|---|---|",
-             f"| {TORCHVISION} | {1e3 * ref:.0f} | 1.00 | | {faults[TORCHVISION]:.0f} |"]
+             f"| {TORCHVISION} | {1e3 * ref:.0f} | 1.000 | | {faults[TORCHVISION]:.0f} |"]
     for name in args.norms:
         ratio, goal = ratios[name], GOALS.get(name)
         mark = "" if goal is None else f"<= {goal:.2f} ({'met' if ratio <= goal else 'NOT met'})"
         lines.append(f"| abnexp resnet50 norm={name}{' (1 process)' if name in DDP_PAIRS else ''} | "
-                     f"{1e3 * local[name]:.0f} | {ratio:.2f} | {mark} | {faults[name]:.0f} |")
+                     f"{1e3 * local[name]:.0f} | {ratio:.3f} | {mark} | {faults[name]:.0f} |")
     if ddp:
         lines += ["", f"## {args.world_size} gloo processes under DistributedDataParallel", "",
                   f"{args.batch // args.world_size} samples and {max(1, args.threads // args.world_size)} "
@@ -357,7 +357,7 @@ def report(args, device, local, ratios, faults, ddp) -> Path:
         for sync_name, local_name in DDP_PAIRS.items():
             ratio = ddp_ratios[sync_name]
             lines.append(f"| {sync_name} | {1e3 * ddp[sync_name]:.0f} | {local_name} | "
-                         f"{1e3 * ddp[local_name]:.0f} | {ratio:.2f} | <= {DDP_GOAL:.2f} "
+                         f"{1e3 * ddp[local_name]:.0f} | {ratio:.3f} | <= {DDP_GOAL:.2f} "
                          f"({'met' if ratio <= DDP_GOAL else 'NOT met'}) |")
         wait = layers * sum(latency.values())
         lines += ["", f"Each of the {layers} synchronized layers makes two collectives per step: the forward's "
@@ -393,7 +393,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     local, ratios, faults = bench_local(args, device)
     for name, sec in local.items():
-        print(f"{name:28s} {1e3 * sec:8.0f} ms  {ratios[name]:.2f}x", flush=True)
+        print(f"{name:28s} {1e3 * sec:8.0f} ms  {ratios[name]:.3f}x", flush=True)
     ddp = bench_ddp(args) if args.world_size > 1 and device.type == "cpu" else ()
     for name, sec in (ddp[0] if ddp else {}).items():
         print(f"DDP x{args.world_size} {name:20s} {1e3 * sec:8.0f} ms", flush=True)
