@@ -309,7 +309,7 @@ def trainer_section(args) -> list[str]:
         ceiling = 1 / (1 / bare + load / (cores if workers else 1)) if cores else bare
         print(f"trainer compile={compiled} workers={workers}: {trained:.0f} images/s, bare step {bare:.0f} "
               f"images/s, loading ceiling {ceiling:.0f}", flush=True)
-        lines.append(f"| {str(compiled).lower()} | {workers} | {trained:.0f} | {bare:.0f} | {trained / bare:.2f} | "
+        lines.append(f"| {str(compiled).lower()} | {workers} | {trained:.0f} | {bare:.0f} | {trained / bare:.3f} | "
                      f">= 0.90 ({'met' if trained / bare >= 0.90 else 'NOT met'}) | {ceiling / bare:.2f} | "
                      f"{trained / ceiling:.2f} |")
     return lines
