@@ -1,5 +1,6 @@
 """trainer.compile=true: a torch.compile'd model trains, checkpoints the plain module's keys and
-resumes, with the per-step losses of the eager model (to float32 rounding of a fused graph)."""
+resumes exactly, and starts with the per-step losses of the eager model (to float32 rounding of a
+fused graph)."""
 from __future__ import annotations
 
 
@@ -17,8 +18,10 @@ TINY = ["model=resnet18", "norm=inplace_abn", "data.batch_size=16", "data.crop_s
 
 
 def test_compiled_training_checkpoints_and_resumes_like_eager(tmp_path, capsys):
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    eager, straight, compiled = tmp_path / "eager", tmp_path / "straight", tmp_path / "compiled"
     assert run_cli(["train", f"hydra.run.dir={eager}", *TINY, "trainer.max_steps=4"], capsys)[0] == 0
+    assert run_cli(["train", f"hydra.run.dir={straight}", *TINY, "trainer.max_steps=4",
+                    "trainer.compile=true"], capsys)[0] == 0
     assert run_cli(["train", f"hydra.run.dir={compiled}", *TINY, "trainer.max_steps=2",
                     "trainer.compile=true"], capsys)[0] == 0
     state = torch.load(compiled / "checkpoints" / "last.pt", weights_only=True)
@@ -27,7 +30,13 @@ def test_compiled_training_checkpoints_and_resumes_like_eager(tmp_path, capsys):
     # the same run dir again: resumes from step 2 (compiling again) and continues to step 4
     assert run_cli(["train", f"hydra.run.dir={compiled}", *TINY, "trainer.max_steps=4",
                     "trainer.compile=true"], capsys)[0] == 0
-    reference, resumed = train_losses(eager), train_losses(compiled)
-    assert sorted(resumed) == sorted(reference) == [1, 2, 3, 4]
-    for step in reference:
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-3), step
+    reference, uninterrupted, resumed = train_losses(eager), train_losses(straight), train_losses(compiled)
+    assert sorted(resumed) == sorted(uninterrupted) == sorted(reference) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):  # the resumed compiled run continues exactly as an uninterrupted one
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6), step
+    # against eager only before the trajectories part: from step 3 on, these 4 steps from scratch
+    # amplify rounding differences many-fold (eager on the PyTorch reference path and on the native
+    # kernels, equal per layer to rounding, differ by 0.13 % at step 4 here, 3 % at optim.lr=0.01),
+    # so the fused graph's rounding is no longer rounding-level there
+    for step in (1, 2):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-4), step
