@@ -39,6 +39,7 @@ class Activation:
     inverse: Optional[Callable[[Tensor, float], Tensor]]
     invertible: Callable[[float], bool]
     module: Callable[[float, bool], nn.Module]
+    reads_output: bool = True  # whether ``backward`` needs z (the identity's does not)
 
 
 # --- leaky_relu: phi(y) = y (y >= 0), a*y (y < 0); param = slope a -----------------------
@@ -109,7 +110,7 @@ ACTIVATIONS: dict[str, Activation] = {
                        invertible=lambda _: False, module=lambda _, inplace: nn.ReLU(inplace)),
     "identity": Activation("identity", _identity_forward_, _identity_backward,
                            _identity_inverse, invertible=lambda _: True,
-                           module=lambda _, inplace: nn.Identity()),
+                           module=lambda _, inplace: nn.Identity(), reads_output=False),
 }
 """name -> :class:`Activation`. ``param`` is the LeakyReLU slope / ELU alpha (ignored
 by relu and identity)."""
@@ -161,6 +162,16 @@ def activate(name: str, y: Tensor, param: float) -> Tensor:
     if _negative(name, param):
         return act.module(param, False)(y)
     return act.forward_(y, param)
+
+
+def output_to_keep(name: str, z: Tensor) -> Optional[Tensor]:
+    """``z`` when activation ``name``'s backward reads its output (what a layer keeps for
+    phi's backward), None for the identity, whose backward needs none.
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    return z if get_activation(name).reads_output else None
 
 
 def _negative(name: str, param: float) -> bool:

@@ -59,7 +59,7 @@ from torch.autograd.function import once_differentiable
 from abnexp.norm import native
 
 from abnexp.norm.base import NormActBase
-from abnexp.norm.activations import activate
+from abnexp.norm.activations import activate, output_to_keep
 from abnexp.norm.functional import (affine_params, check_batch_size, compute_dtype, reduce_dims,
                                     update_running_stats, values_per_channel)
 from abnexp.norm.grouping import affine_normalize, refuse_recompute, split_groups
@@ -119,15 +119,14 @@ class _BatchMoments(torch.autograd.Function):
 class _FusedNormalize(torch.autograd.Function):
     """z = phi(gamma * (x - mu) * invstd + beta) with gradients for x, mu, invstd (C,), weight
     and bias, on the native kernels; keeps x and z (x only with the identity, whose backward needs
-    no z). With dL/dy = phi'(z) dL/dz, xhat = (x - mu)
-    invstd: dL/dx = gamma invstd dL/dy, dL/dmu = -gamma invstd sum dL/dy, dL/dinvstd =
+    no z). With dL/dy = phi'(z) dL/dz, xhat = (x - mu) invstd: dL/dx = gamma invstd dL/dy, dL/dmu = -gamma invstd sum dL/dy, dL/dinvstd =
     gamma sum(dL/dy xhat) / invstd, dL/dgamma = sum dL/dy xhat, dL/dbeta = sum dL/dy."""
 
     @staticmethod
     def forward(ctx, x, mu, invstd, weight, bias, activation, param):
         gamma, beta = affine_params(weight, bias, x.shape[1], mu.dtype, x.device)
         z = native.ops().forward(x, mu, invstd, gamma, beta, activation, param)
-        ctx.save_for_backward(x, mu, invstd, weight, bias, z if activation != "identity" else None)
+        ctx.save_for_backward(x, mu, invstd, weight, bias, output_to_keep(activation, z))
         ctx.act = (activation, param)
         return z
 
@@ -167,8 +166,8 @@ class CBN2d(NormActBase):
     Buffers when paired (k = window - 1, F = C_in/G * kh * kw): ``past_mean``, ``past_sqmean``
     (k, C); ``past_mean_grad`` (k, G, F); ``past_sqmean_grad`` (k, C, F) -- 3-D so that
     ``model.to(memory_format=torch.channels_last)`` leaves it alone; ``past_mean_dot``,
-    ``past_sqmean_dot`` (k, C), each gradient's inner product with its iteration's weights; ``past_valid``
-    (k,) bool; ``num_steps`` (training calls); BatchNorm's running statistics
+    ``past_sqmean_dot`` (k, C), each gradient's inner product with its iteration's weights;
+    ``past_valid`` (k,) bool; ``num_steps`` (training calls); BatchNorm's running statistics
     (``num_batches_tracked`` counts normalization batches).
 
     Raises:

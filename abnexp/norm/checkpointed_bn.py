@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from abnexp.norm import functional as Fn
 from abnexp.norm import native
 from abnexp.norm.base import NormActBase
-from abnexp.norm.activations import check_output_form
+from abnexp.norm.activations import check_output_form, output_to_keep
 
 VARIANTS = ("baseline", "proposed")
 STANDARD = "standard"  # internal: ABN on the native path (keeps x and z, xhat-form backward)
@@ -70,8 +70,7 @@ class _CheckpointedABNFunction(torch.autograd.Function):
             if variant != "proposed":
                 z = (native.ops().forward(x, mean, invstd, gamma, beta, activation, param)
                      if use_native else Fn.forward(x, mean, invstd, gamma, beta, activation, param))
-                # STANDARD keeps z for phi's backward; the identity needs none (BN alone keeps x)
-                kept_z = (z if activation != "identity" else None,) if variant == STANDARD else ()
+                kept_z = (output_to_keep(activation, z),) if variant == STANDARD else ()
                 ctx.save_for_backward(x, mean, invstd, weight, bias, *kept_z)
             else:
                 if use_native:

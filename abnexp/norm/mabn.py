@@ -50,8 +50,8 @@ corrupts its buffers:
 Native kernels (:mod:`abnexp.norm.native`, unless switched off or the activation has a negative
 slope / alpha): x2 is the ``linear_backward_reduce`` of (x, x) (sum x^2), the normalization is
 one fused ``forward`` pass with the activation (z kept, as autograd keeps it for the activation
-on the PyTorch path; not with the identity, which needs none), the backward one ``linear_backward_reduce`` pass for (sum dL/dy, sum dL/dy
-* x) -- Psi_B = gamma r invstd sum(dL/dy x) / m -- and one ``linear_backward_elementwise`` pass
+on the PyTorch path; not with the identity, which needs none), the backward one
+``linear_backward_reduce`` pass for (sum dL/dy, sum dL/dy * x) -- Psi_B = gamma r invstd sum(dL/dy x) / m -- and one ``linear_backward_elementwise`` pass
 for dL/dx = gamma r invstd dL/dy - invstd^2 Psi x.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ from torch.autograd.function import once_differentiable
 
 from abnexp.norm import native
 from abnexp.norm.abn import NormActBase
-from abnexp.norm.activations import activate
+from abnexp.norm.activations import activate, output_to_keep
 from abnexp.norm.functional import affine_params, channel, compute_dtype, reduce_dims, values_per_channel
 from abnexp.norm.grouping import refuse_recompute, split_groups
 
@@ -124,9 +124,7 @@ class _MABNFunction(torch.autograd.Function):
                 y = y + channel(bias.to(cdt), xg)
             ys.append(y)
         out = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)
-        # the native backward reads z for phi's backward; the identity needs none
-        ctx.save_for_backward(x, weight, invstd, r, *((out if activation != "identity" else None,)
-                                                      if use_native else ()))
+        ctx.save_for_backward(x, weight, invstd, r, *((output_to_keep(activation, out),) if use_native else ()))
         ctx.buffer_gz, ctx.slots, ctx.use_sma, ctx.group_size = buffer_gz, slots, use_sma, group_size
         ctx.act = (activation, param, use_native)
         return out
