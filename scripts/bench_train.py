@@ -3,9 +3,9 @@
 
 One step = ``zero_grad`` + forward + cross-entropy + backward + SGD step (momentum 0.9) on a
 random batch (default 16 x 3 x 112 x 112, float32). All models are timed in one process,
-interleaved (each repeat runs every model once, so changes of the machine's load hit all alike),
-and the median per model is reported with its ratio to torchvision's ``resnet50``
-(BatchNorm2d + ReLU). The synchronized norms run twice: in one process (their local path) and
+interleaved (each round runs every model once, in its own seeded order), and the median per
+model is reported with the median of its per-round ratios to torchvision's ``resnet50``
+(BatchNorm2d + ReLU), so changes of the machine's load between rounds cancel. The synchronized norms run twice: in one process (their local path) and
 with ``--world-size`` gloo processes under ``DistributedDataParallel`` (each process holding
 ``batch / world-size`` samples and ``threads / world-size`` threads), where they are compared
 with their local counterparts (syncbn with bn, inplace_abn_sync with inplace_abn) wrapped in
@@ -16,7 +16,7 @@ counterparts under DDP.
 Writes ``results/bench_train_cpu.md`` (on a GPU: ``results/bench_train_<gpu>.md``) with the
 command, the machine, the thread count, the load average and the torch version.
 
-Example: ``OMP_NUM_THREADS=2 python scripts/bench_train.py --repeats 6``
+Example: ``OMP_NUM_THREADS=2 python scripts/bench_train.py --repeats 9 --warmup 3``
 """
 from __future__ import annotations
 
