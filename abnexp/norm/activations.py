@@ -145,7 +145,7 @@ def make_activation(name: str, param: float, inplace: bool = False) -> nn.Module
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names).
     """
-    return get_activation(name).module(param, inplace and not _negative(name, param))
+    return get_activation(name).module(param, inplace and not negative_param(name, param))
 
 
 def activate(name: str, y: Tensor, param: float) -> Tensor:
@@ -159,7 +159,7 @@ def activate(name: str, y: Tensor, param: float) -> Tensor:
         ValueError: unknown ``name``.
     """
     act = get_activation(name)
-    if _negative(name, param):
+    if negative_param(name, param):
         return act.module(param, False)(y)
     return act.forward_(y, param)
 
@@ -174,7 +174,7 @@ def output_to_keep(name: str, z: Tensor) -> Optional[Tensor]:
     return z if get_activation(name).reads_output else None
 
 
-def _negative(name: str, param: float) -> bool:
+def negative_param(name: str, param: float) -> bool:
     """A negative leaky_relu slope / elu alpha: no in-place form, no backward from the output."""
     return name in ("leaky_relu", "elu") and float(param) < 0
 
@@ -197,7 +197,7 @@ def check_output_form(name: str, param: float, layer: str) -> None:
     leaky_relu slope / elu alpha; the layers that use this backward call this check.
     """
     get_activation(name)
-    if _negative(name, param):
+    if negative_param(name, param):
         raise ValueError(f"{layer}: activation {name!r} needs activation_param >= 0, got "
                          f"{param!r} (use ABN for other values)")
 

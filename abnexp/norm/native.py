@@ -52,6 +52,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from abnexp.errors import AbnexpError
+from abnexp.norm.activations import negative_param
 
 ENABLED = os.environ.get("ABNEXP_NATIVE", "1") != "0"
 """Module-level switch: False forces every layer onto the PyTorch reference path."""
@@ -273,7 +274,7 @@ def enabled(x: torch.Tensor, activation: str, param: float) -> bool:
     negative LeakyReLU slope / ELU alpha) and the module is (or can be) built."""
     if not ENABLED or x.dtype not in DTYPES or x.device.type not in ("cpu", "cuda"):
         return False
-    if activation in ("leaky_relu", "elu") and param < 0:
+    if negative_param(activation, param):
         return False
     return available(x.device.type)
 
