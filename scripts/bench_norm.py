@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from abnexp.norm import NORM_LAYERS, native  # noqa: E402
+from abnexp.norm import NORM_LAYERS, backends, native  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -154,7 +154,7 @@ def compare_torch(args, shape, dtype, layout, device):
     times = {k: [] for k in variants}
     for i in range(args.warmup + args.repeats):
         for key, (module, enabled) in variants.items():
-            native.ENABLED = enabled
+            backends.REQUESTED = "auto" if enabled else "torch"
             module.to(device).train()
             x = leaf.clone()
             sync(device)
@@ -166,7 +166,7 @@ def compare_torch(args, shape, dtype, layout, device):
             if i >= args.warmup:
                 times[key].append(time.perf_counter() - t0)
             del out, x
-    native.ENABLED = True
+    backends.REQUESTED = "auto"
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
@@ -335,9 +335,9 @@ def main(argv=None):
              "excluded): *layer* = the norm layer alone, *block* = norm -> conv3x3 (the conv "
              "keeps its input z too). Ratios are relative to ABN (norm=bn) in the same layout.",
              ("Implementation: native kernels (abnexp.norm.native: kernels/ C++/CUDA, "
-              f"{native.available(device.type) and 'built' or 'unavailable'}) for every strategy, "
+              f"{native.probe(device.type) is None and 'built' or 'unavailable'}) for every strategy, "
               "else the plain-PyTorch reference path (ABN uses F.batch_norm; the others are "
-              "autograd.Functions built from abnexp.norm.functional)." if native.ENABLED else
+              "autograd.Functions built from abnexp.norm.functional)." if backends.REQUESTED != "torch" else
               "Implementation: plain-PyTorch reference path of abnexp.norm (ABNEXP_NATIVE=0)."),
              ""]
     peak_col = device.type == "cuda"

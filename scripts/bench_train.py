@@ -42,7 +42,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from abnexp.models import build_model  # noqa: E402
-from abnexp.norm import build_norm_act, native  # noqa: E402
+from abnexp.norm import backends, build_norm_act  # noqa: E402
 from abnexp.norm.sync import SYNC_LAYERS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,7 +329,7 @@ def report(args, device, local, ratios, faults, ddp) -> Path:
     lines = ["# Training-step speed: abnexp ResNet-50 per norm vs torchvision's ResNet-50", "",
              f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '(unset)')} {command}`", "",
              f"Machine: {machine}; {args.threads} threads; torch {torch.__version__}; native kernels "
-             f"{'on' if native.ENABLED else 'off (ABNEXP_NATIVE=0)'}; load average (1, 5, 15 min) at the "
+             f"{'on' if backends.REQUESTED != 'torch' else 'off (ABNEXP_NATIVE=0)'}; load average (1, 5, 15 min) at the "
              f"end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}; malloc: "
              + ("freed memory kept in the process (glibc mallopt M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD "
                 "32 MiB: no page faults from heap trims, see keep_freed_memory)." if args.malloc == "keep"

@@ -150,7 +150,7 @@ def build_main(args) -> int:
     if args.cuda:
         import torch
 
-        result["cuda_kernels_serve_cuda"] = bool(torch.cuda.is_available() and native.available("cuda"))
+        result["cuda_kernels_serve_cuda"] = bool(torch.cuda.is_available() and native.probe("cuda") is None)
     write_json(args.json, result)
     print(json.dumps(result, indent=1))
     return 0
@@ -231,7 +231,7 @@ def bench_config(shape, dtype, layout, device, warmup, repeats):
     import torch.nn.functional as F
     from torch import nn
 
-    from abnexp.norm import InPlaceABN, native
+    from abnexp.norm import InPlaceABN, backends
 
     c = shape[1]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -259,7 +259,7 @@ def bench_config(shape, dtype, layout, device, warmup, repeats):
     base_ms = ms["torch BatchNorm2d + F.leaky_relu_"]
     rows = [{"variant": k, "ms": v, "x_torch": v / base_ms} for k, v in ms.items()]
     out = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "layout": layout, "fwd_bwd": rows,
-           "native": bool(native.ENABLED and native.available(device.type))}
+           "native": bool(backends.choose(device.type) != "torch")}
     if device.type == "cuda":
         prepare()  # outside the profiled call: only the layer's own kernels are listed
         out["torch_bn_kernels"] = kernel_names(fwd_bwd(modules["torch BatchNorm2d + F.leaky_relu_"]), limit=8)
@@ -291,13 +291,13 @@ def bench_config(shape, dtype, layout, device, warmup, repeats):
 def bench_main(args) -> int:
     import torch
 
-    from abnexp.norm import native
+    from abnexp.norm import backends
 
     device = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
     shapes = DRY_SHAPES if args.dry_run else FULL_SHAPES
     warmup, repeats = (1, 3) if args.dry_run else (args.warmup, args.repeats)
     result = {"device": device.type, "warmup": warmup, "repeats": repeats, "slope": SLOPE,
-              "native_enabled": native.ENABLED, "configs": [], "errors": []}
+              "native_enabled": backends.REQUESTED != "torch", "configs": [], "errors": []}
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         result["cudnn_enabled"] = torch.backends.cudnn.enabled

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from abnexp.norm import native
+from abnexp.norm import backends
 from abnexp.norm.activations import activate
 from abnexp.norm.base import NormActBase
 from abnexp.norm.checkpointed_bn import STANDARD, checkpointed_abn
@@ -24,7 +24,7 @@ class ABN(NormActBase):
     the activation runs in place on the BN output, except a negative slope / alpha, which runs
     out of place (autograd then keeps y instead of z for phi's backward).
 
-    With the native kernels (:mod:`abnexp.norm.native`) the same strategy runs as fused
+    With a kernel backend (:mod:`abnexp.norm.backends`) the same strategy runs as fused
     operators: statistics, one normalize + affine + activation pass, and a backward that reads
     the kept x and z (negative LeakyReLU slopes / ELU alphas stay on the PyTorch path).
 
@@ -39,7 +39,7 @@ class ABN(NormActBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         batch_stats, factor, running_mean, running_var = self._stats_mode()
-        if native.enabled(x, self.activation, self.activation_param):
+        if backends.enabled(x, self.activation, self.activation_param):
             return checkpointed_abn(x, self.weight, self.bias, running_mean, running_var,
                                     batch_stats, factor, self.eps, self.activation,
                                     self.activation_param, STANDARD)

@@ -39,7 +39,7 @@ unchanged weights, which the compensation handles exactly for mu); with ``group_
 group is one window entry (see :mod:`abnexp.norm.grouping`). An empty batch leaves the
 buffers untouched. A forward recomputed during backward (activation checkpointing) raises ``RuntimeError``.
 
-Native kernels (:mod:`abnexp.norm.native`, unless switched off or the activation has a negative
+Kernel backends (:mod:`abnexp.norm.backends`, unless switched off or the activation has a negative
 slope / alpha): the current statistics are the ``statistics`` operator with the closed-form
 backward dL/dx = (dL/dmu + 2 dL/dsigma^2 (x - mu)) / m (:class:`_BatchMoments`), and
 normalization, affine and activation are one fused ``forward`` pass whose backward reads x and z
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from abnexp.norm import native
+from abnexp.norm import backends
 
 from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import activate, output_to_keep
@@ -102,7 +102,7 @@ class _BatchMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        mean, var = native.ops().statistics(x)[:2]
+        mean, var = backends.ops(x).statistics(x)[:2]
         ctx.save_for_backward(x, mean)
         return mean, var
 
@@ -112,7 +112,7 @@ class _BatchMoments(torch.autograd.Function):
         x, mean = ctx.saved_tensors
         m = values_per_channel(x)
         b = dvar * (2.0 / m)
-        return native.ops().linear_backward_elementwise(x, x, None, torch.zeros_like(b), b,
+        return backends.ops(x).linear_backward_elementwise(x, x, None, torch.zeros_like(b), b,
                                                         dmean / m - b * mean, "identity", 0.0)
 
 
@@ -125,7 +125,7 @@ class _FusedNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mu, invstd, weight, bias, activation, param):
         gamma, beta = affine_params(weight, bias, x.shape[1], mu.dtype, x.device)
-        z = native.ops().forward(x, mu, invstd, gamma, beta, activation, param)
+        z = backends.ops(x).forward(x, mu, invstd, gamma, beta, activation, param)
         ctx.save_for_backward(x, mu, invstd, weight, bias, output_to_keep(activation, z))
         ctx.act = (activation, param)
         return z
@@ -135,7 +135,7 @@ class _FusedNormalize(torch.autograd.Function):
     def backward(ctx, dz):
         x, mu, invstd, weight, bias, z = ctx.saved_tensors
         activation, param = ctx.act
-        ops = native.ops()
+        ops = backends.ops(dz)
         gamma, beta = affine_params(weight, bias, x.shape[1], mu.dtype, x.device)
         sum_dy, sum_dy_xhat = ops.xhat_backward_reduce(x, dz, z, mu, invstd, gamma, beta, activation, param)
         scale = gamma * invstd
@@ -240,7 +240,7 @@ class CBN2d(NormActBase):
                 raise RuntimeError(f"CBN2d({self.num_features}) is paired with a conv and must receive "
                                    f"that conv's output directly (conv -> norm), in the same call order")
             self.num_steps.add_(1)
-            use_native = native.enabled(x, self.activation, self.activation_param)
+            use_native = backends.enabled(x, self.activation, self.activation_param)
             y = self._train_call(x, *(captured[:2] if self.past_len else (None, None)), use_native)
             if use_native:
                 return y  # activation fused

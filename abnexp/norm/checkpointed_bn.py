@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
-from abnexp.norm import native
+from abnexp.norm import backends, native
 from abnexp.norm.base import NormActBase
 from abnexp.norm.activations import check_output_form, output_to_keep
 
@@ -48,7 +48,7 @@ def batch_or_running_stats(x: Tensor, running_mean: Optional[Tensor],
     cdt = Fn.compute_dtype(x.dtype)
     if batch_stats:
         Fn.check_batch_size(x)
-        mean, var = native.ops().statistics(x)[:2] if use_native else Fn.batch_statistics(x)
+        mean, var = backends.ops(x).statistics(x)[:2] if use_native else Fn.batch_statistics(x)
         if running_mean is not None and running_var is not None:
             Fn.update_running_stats(running_mean, running_var, mean, var,
                                     Fn.values_per_channel(x), factor)
@@ -68,15 +68,15 @@ class _CheckpointedABNFunction(torch.autograd.Function):
                                                   factor, eps, use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device)
             if variant != "proposed":
-                z = (native.ops().forward(x, mean, invstd, gamma, beta, activation, param)
+                z = (backends.ops(x).forward(x, mean, invstd, gamma, beta, activation, param)
                      if use_native else Fn.forward(x, mean, invstd, gamma, beta, activation, param))
                 kept_z = (output_to_keep(activation, z),) if variant == STANDARD else ()
                 ctx.save_for_backward(x, mean, invstd, weight, bias, *kept_z)
             else:
                 if use_native:
                     zero, one = torch.zeros_like(mean), torch.ones_like(mean)
-                    xhat = native.ops().forward(x, mean, invstd, one, zero, "identity", 0.0)
-                    z = native.ops().forward(xhat, zero, one, gamma, beta, activation, param)
+                    xhat = backends.ops(x).forward(x, mean, invstd, one, zero, "identity", 0.0)
+                    z = backends.ops(xhat).forward(xhat, zero, one, gamma, beta, activation, param)
                 else:
                     xhat = Fn.normalize(x, mean, invstd)
                     z = Fn.affine_activation(xhat, gamma, beta, activation, param)
@@ -134,7 +134,7 @@ def native_xhat_backward(ctx: Any, dz: Tensor, refs: int, x: Tensor, z: Optional
     exclusively ours). ``z``: the kept output, if any. The synchronized layer passes
     ``group_sums`` (the sums over its process group) and the group's ``count`` for dL/dx;
     dL/dweight and dL/dbias use the local sums. Returns (dL/dx, dL/dweight, dL/dbias)."""
-    ops = native.ops()
+    ops = backends.ops(dz)
     with no_autocast(dz.device.type):
         gamma, beta = Fn.affine_params(weight, bias, x.shape[1], invstd.dtype, x.device)
         norm = invstd if mean is not None else None
@@ -171,7 +171,7 @@ def checkpointed_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
     return _CheckpointedABNFunction.apply(x, weight, bias, running_mean, running_var,
                                           bool(training), float(momentum), float(eps),
                                           activation, float(activation_param), variant,
-                                          native.enabled(x, activation, activation_param))
+                                          backends.enabled(x, activation, activation_param))
 
 
 class CheckpointedABN(NormActBase):

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from abnexp.norm import functional as Fn
-from abnexp.norm import native
+from abnexp.norm import backends, native
 from abnexp.norm.base import NormActBase, batchnorm_affine
 from abnexp.norm.activations import check_invertible
 from abnexp.norm.checkpointed_bn import batch_or_running_stats, no_autocast
@@ -36,7 +36,7 @@ class _InPlaceABNFunction(torch.autograd.Function):
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device,
                                            eps=eps)
             if use_native:
-                native.ops().forward_(x, mean, invstd, gamma, beta, activation, param)
+                backends.ops(x).forward_(x, mean, invstd, gamma, beta, activation, param)
                 z = x
             else:
                 z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
@@ -85,7 +85,7 @@ def native_backward(ctx: Any, dz: Tensor, refs: int, eps: float, activation: str
     process group) and the group's ``count`` for dL/dx; dL/dweight and dL/dbias use the local
     sums. Returns (dL/dx, dL/dweight, dL/dbias)."""
     z, invstd, weight, bias = ctx.saved_tensors
-    ops = native.ops()
+    ops = backends.ops(dz)
     with no_autocast(dz.device.type):
         gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
         sum_dy, sum_dy_t = ops.inplace_backward_reduce(z, dz, gamma, beta, activation, param,
@@ -131,7 +131,7 @@ def inplace_abn(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     return _InPlaceABNFunction.apply(x, weight, bias, running_mean, running_var,
                                      bool(training), float(momentum), float(eps), activation,
                                      float(activation_param), variant,
-                                     native.enabled(x, activation, activation_param))
+                                     backends.enabled(x, activation, activation_param))
 
 
 class InPlaceABN(NormActBase):

@@ -47,7 +47,7 @@ corrupts its buffers:
 * a training-mode call under ``torch.no_grad()`` updates buffer_x2, running_var and the
   counter; its Psi slot keeps its previous value (there is no backward).
 
-Native kernels (:mod:`abnexp.norm.native`, unless switched off or the activation has a negative
+Kernel backends (:mod:`abnexp.norm.backends`, unless switched off or the activation has a negative
 slope / alpha): x2 is the ``linear_backward_reduce`` of (x, x) (sum x^2), the normalization is
 one fused ``forward`` pass with the activation (z kept, as autograd keeps it for the activation
 on the PyTorch path; not with the identity, which needs none), the backward one
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from abnexp.norm import native
+from abnexp.norm import backends
 from abnexp.norm.abn import NormActBase
 from abnexp.norm.activations import activate, output_to_keep
 from abnexp.norm.functional import affine_params, channel, compute_dtype, reduce_dims, values_per_channel
@@ -115,7 +115,7 @@ class _MABNFunction(torch.autograd.Function):
         gamma, beta = affine_params(weight, bias, x.shape[1], cdt, x.device)
         for i, xg in enumerate(split_groups(x, group_size)):
             if use_native:
-                ys.append(native.ops().forward(xg, torch.zeros_like(r[i]), r[i] * invstd[i], gamma,
+                ys.append(backends.ops(xg).forward(xg, torch.zeros_like(r[i]), r[i] * invstd[i], gamma,
                                                beta, activation, param))
                 continue
             scale = (weight.to(cdt) * r[i] * invstd[i]) if weight is not None else r[i] * invstd[i]
@@ -163,7 +163,7 @@ def _native_backward(ctx, dz):
     """:class:`_MABNFunction`'s backward with the native linear-form operators (module docstring)."""
     x, weight, invstd, r, z = ctx.saved_tensors
     activation, param, _ = ctx.act
-    ops = native.ops()
+    ops = backends.ops(dz)
     need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dxs, dweight, dbias = [], None, None
     x_groups = split_groups(x, ctx.group_size)
@@ -254,7 +254,7 @@ class MABN2d(NormActBase):
         else:
             refuse_recompute("MABN2d")
             self.num_steps.add_(1)
-            if native.enabled(x, self.activation, self.activation_param):
+            if backends.enabled(x, self.activation, self.activation_param):
                 return self._train_iteration(x, True)  # activation fused
             y = self._train_iteration(x, False)
         return activate(self.activation, y, self.activation_param)
@@ -270,7 +270,7 @@ class MABN2d(NormActBase):
                 _, factor, _, running_var = self._stats_mode()  # n += 1
                 t, n = int(self.num_steps), int(self.num_batches_tracked)
                 if use_native:
-                    x2 = native.ops().linear_backward_reduce(xg, xg, None, "identity", 0.0)[1]
+                    x2 = backends.ops(xg).linear_backward_reduce(xg, xg, None, "identity", 0.0)[1]
                     x2 = x2 / values_per_channel(xg)
                 else:
                     x2 = xg.to(cdt).square().mean(reduce_dims(xg))

@@ -31,8 +31,8 @@ The module is built just in time on first use with ``torch.utils.cpp_extension``
 in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). CUDA
 sources are built when CUDA is available or when asked (``abnexp kernels build --cuda``); the
 toolkit is ``$CUDA_HOME``, else ``/usr/local/cuda`` (an ``nvcc`` on PATH is never used to guess
-it: it may be a wrapper script). Without a compiler the layers use the PyTorch reference path
-and warn once; ``ABNEXP_NATIVE=0`` (or ``native.ENABLED = False``) forces the reference path.
+it: it may be a wrapper script). Whether this module or another backend serves a tensor is decided
+by the backend table of :mod:`abnexp.norm.backends` (``ABNEXP_KERNELS``), through :func:`probe`.
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,17 +51,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from abnexp.errors import AbnexpError
-from abnexp.norm.activations import negative_param
 
-ENABLED = os.environ.get("ABNEXP_NATIVE", "1") != "0"
-"""Module-level switch: False forces every layer onto the PyTorch reference path."""
-
-DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 """Architectures compiled when no GPU is visible (``TORCH_CUDA_ARCH_LIST`` overrides)."""
 HOW_TO_GET = ("install a C++20 compiler (g++ >= 10 or clang++) and ninja (pip install ninja), "
-              "then run `abnexp kernels build` (and `abnexp kernels check`); set ABNEXP_NATIVE=0 "
-              "to use the PyTorch reference path without this warning")
+              "then run `abnexp kernels build` (and `abnexp kernels check`); set ABNEXP_KERNELS=torch "
+              "(or ABNEXP_NATIVE=0) to use the PyTorch reference path without this warning")
 
 
 class KernelBuildError(AbnexpError, RuntimeError):
@@ -83,7 +77,6 @@ class BuildInfo:
 
 _BUILT: Optional[BuildInfo] = None
 _FAILED: Optional[str] = None
-_WARNED: set[str] = set()
 
 
 def kernels_dir() -> Path:
@@ -239,11 +232,10 @@ def build(cuda: Optional[bool] = None, verbose: bool = False) -> BuildInfo:
     return _BUILT
 
 
-@torch.compiler.assume_constant_result
-def available(device_type: str) -> bool:
-    """Whether the native kernels serve tensors on ``device_type`` ("cpu" / "cuda"); builds
-    them on the first call. On failure the layers fall back to the reference path with one
-    warning that says how to get the native module."""
+def probe(device_type: str) -> Optional[str]:
+    """None when the native module serves tensors of ``device_type`` ("cpu", "cuda"), else why
+    not (what is missing and how to get it). Builds the module on the first call; the
+    backend table :mod:`abnexp.norm.backends` asks this."""
     global _FAILED
     if _BUILT is None and _FAILED is None:
         try:
@@ -251,32 +243,11 @@ def available(device_type: str) -> bool:
         except KernelBuildError as err:
             _FAILED = str(err)
     if _FAILED is not None:
-        _warn_once(f"abnexp: using the PyTorch reference path of the normalization layers "
-                   f"({_FAILED})")
-        return False
+        return _FAILED
     if device_type == "cuda" and not _BUILT.cuda:
-        _warn_once(f"abnexp: CUDA tensors use the PyTorch reference path of the normalization "
-                   f"layers: the native module was built without CUDA kernels ({_BUILT.name}); "
-                   f"set CUDA_HOME to the CUDA toolkit and run `abnexp kernels build --cuda` in a "
-                   f"fresh process, or set ABNEXP_NATIVE=0 to silence this warning")
-    return device_type == "cpu" or (device_type == "cuda" and _BUILT.cuda)
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def enabled(x: torch.Tensor, activation: str, param: float) -> bool:
-    """Whether a layer should run ``x`` through the native kernels: the switch is on, x is a
-    float64/32/16 or bfloat16 CPU/CUDA tensor, dL/dy can be computed from the output (no
-    negative LeakyReLU slope / ELU alpha) and the module is (or can be) built."""
-    if not ENABLED or x.dtype not in DTYPES or x.device.type not in ("cpu", "cuda"):
-        return False
-    if negative_param(activation, param):
-        return False
-    return available(x.device.type)
+        return (f"the native module was built without CUDA kernels ({_BUILT.name}); set CUDA_HOME to "
+                f"the CUDA toolkit and run `abnexp kernels build --cuda` in a fresh process")
+    return None if device_type in ("cpu", "cuda") else f"no native kernels for {device_type} tensors"
 
 
 def ops():

@@ -16,7 +16,7 @@ Backward: one ``all_reduce`` of the per-channel [sum dL/dy, sum dL/dy * t] (t = 
 InPlace-ABN II) gives the global sums that dL/dx needs; dL/dweight and dL/dbias are the
 *local* sums (DistributedDataParallel sums/averages them like any other parameter gradient).
 The math is abnexp.norm.functional's, shared with the local layers; with the native kernels
-(:mod:`abnexp.norm.native`) the local parts around the two collectives -- this rank's
+(a backend of :mod:`abnexp.norm.backends`) the local parts around the two collectives -- this rank's
 statistics, the fused normalize + affine + activation pass, the backward's sums and its dL/dx
 pass with the group's sums and count -- are the operators of the local layers (SyncABN then
 fuses the activation as ABN does and keeps x and z).
@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from abnexp.errors import AbnexpError
 from abnexp.norm import functional as Fn
-from abnexp.norm import native
+from abnexp.norm import backends
 from abnexp.norm.abn import ABN
 from abnexp.norm.activations import activate
 from abnexp.norm.checkpointed_bn import native_xhat_backward, no_autocast
@@ -64,7 +64,7 @@ def gather_batch_statistics(x: Tensor, group, use_native: bool = False) -> tuple
     """
     cdt, c, count = Fn.compute_dtype(x.dtype), x.shape[1], Fn.values_per_channel(x)
     if count > 0:
-        mean, var = native.ops().statistics(x)[:2] if use_native else Fn.batch_statistics(x)
+        mean, var = backends.ops(x).statistics(x)[:2] if use_native else Fn.batch_statistics(x)
     else:
         mean = var = torch.zeros(c, dtype=cdt, device=x.device)
     local = torch.cat([mean.double(), var.double(),
@@ -108,7 +108,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                                use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device)
             if use_native:
-                y = native.ops().forward(x, mean, invstd, gamma, beta, activation, param)
+                y = backends.ops(x).forward(x, mean, invstd, gamma, beta, activation, param)
             else:
                 y = Fn.forward(x, mean, invstd, gamma, beta, "identity", 0.0)
         ctx.save_for_backward(x, mean, invstd, weight, bias, *((y,) if use_native else ()))
@@ -151,7 +151,7 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
                                                use_native)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device, eps=eps)
             if use_native:
-                native.ops().forward_(x, mean, invstd, gamma, beta, activation, param)
+                backends.ops(x).forward_(x, mean, invstd, gamma, beta, activation, param)
                 z = x
             else:
                 z = Fn.forward(x, mean, invstd, gamma, beta, activation, param, out=x)
@@ -223,7 +223,7 @@ class SyncABN(_SyncMixin, ABN):
             return super().forward(x)
         self._check_input(x)
         _, factor, running_mean, running_var = self._stats_mode()
-        use_native = native.enabled(x, self.activation, self.activation_param)
+        use_native = backends.enabled(x, self.activation, self.activation_param)
         act = (self.activation, self.activation_param) if use_native else ("identity", 0.0)
         y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var,
                                          factor, self.eps, *act, use_native, group)
@@ -248,7 +248,7 @@ class InPlaceABNSync(_SyncMixin, InPlaceABN):
         return _InPlaceABNSyncFunction.apply(x, self.weight, self.bias, running_mean, running_var,
                                              factor, self.eps, self.activation,
                                              self.activation_param, self.variant,
-                                             native.enabled(x, self.activation, self.activation_param),
+                                             backends.enabled(x, self.activation, self.activation_param),
                                              group)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from abnexp.norm import native
+from abnexp.norm import backends
 from abnexp.norm.abn import ABN
 from abnexp.norm.grouping import GroupedABN
 from abnexp.norm.mabn import MABN2d
@@ -73,7 +73,7 @@ def test_abn_matches_torch_batch_norm_and_activation(name, param, group_size):
 def test_non_negative_parameter_still_runs_in_place(name, param, use_native, monkeypatch):
     """Autograd keeps x (for BN) and the output z (for phi), no separate pre-activation, with
     the native kernels and on the PyTorch path."""
-    monkeypatch.setattr(native, "ENABLED", use_native)
+    monkeypatch.setattr(backends, "REQUESTED", "auto" if use_native else "torch")
     layer = ABN(3, activation=name, activation_param=param, dtype=D)
     x = torch.randn(4, 3, 3, 3, dtype=D, requires_grad=True)
     saved = []

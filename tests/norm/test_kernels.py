@@ -20,7 +20,7 @@ from conftest import run_cli
 from torch import nn
 from torch.func import functional_call
 
-from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, native
+from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, backends, native
 from abnexp.norm import functional as Fn
 from abnexp.commands import kernels as K
 
@@ -53,7 +53,7 @@ class OpSpy:
 @pytest.fixture
 def spy(monkeypatch):
     s = OpSpy()
-    monkeypatch.setattr(native, "ops", lambda: s)
+    monkeypatch.setattr(backends, "ops", lambda x: s)
     return s
 
 
@@ -126,7 +126,7 @@ def test_layer_gradcheck_through_native_path(name, mode, layout, act, param, spy
 
 def layer_step(layer, x, g, enabled, monkeypatch):
     """Output, dL/dx and parameter gradients of one training step, native path on or off."""
-    monkeypatch.setattr(native, "ENABLED", enabled)
+    monkeypatch.setattr(backends, "REQUESTED", "auto" if enabled else "torch")
     layer.zero_grad()
     xa = x.clone().requires_grad_()
     out = layer(xa.clone())
@@ -149,26 +149,26 @@ def test_layer_native_equals_reference_path(name, dtype, layout, monkeypatch):
 
 
 def test_switch_forces_reference_path(monkeypatch):
-    monkeypatch.setattr(native, "ENABLED", False)
-    monkeypatch.setattr(native, "ops", lambda: pytest.fail("native operator called"))
+    monkeypatch.setattr(backends, "REQUESTED", "torch")
+    monkeypatch.setattr(backends, "ops", lambda x: pytest.fail("native operator called"))
     x = torch.randn(2, 4, 3, 3)
-    assert not native.enabled(x, "leaky_relu", 0.01)
+    assert not backends.enabled(x, "leaky_relu", 0.01)
     for name in LAYERS:
         LAYERS[name](4)(x.clone().requires_grad_().clone()).sum().backward()
 
 
 def test_negative_slope_abn_stays_on_reference_path():
     x = torch.randn(2, 4, 3, 3)
-    assert native.enabled(x, "leaky_relu", 0.01) and native.enabled(x, "relu", 0.0)
-    assert not native.enabled(x, "leaky_relu", -0.1) and not native.enabled(x, "elu", -1.0)
-    assert not native.enabled(x.to(torch.int64), "leaky_relu", 0.01)
+    assert backends.enabled(x, "leaky_relu", 0.01) and backends.enabled(x, "relu", 0.0)
+    assert not backends.enabled(x, "leaky_relu", -0.1) and not backends.enabled(x, "elu", -1.0)
+    assert not backends.enabled(x.to(torch.int64), "leaky_relu", 0.01)
 
 
 # --------------------------------------------------------------------------- dL/dx into dL/dz
 def grad_case(case, enabled, monkeypatch, decisions):
     """conv -> InPlaceABN -> conv with different owners of the gradient reaching the layer;
     returns every gradient that must not depend on whether dL/dx was written in place."""
-    monkeypatch.setattr(native, "ENABLED", enabled)
+    monkeypatch.setattr(backends, "REQUESTED", "auto" if enabled else "torch")
     torch.manual_seed(0)
     conv1, conv2, other = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(3, 4, 1)
     layer = make_layer("inplace_abn", c=4, dtype=torch.float32)

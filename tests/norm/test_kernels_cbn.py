@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from abnexp.norm import native
+from abnexp.norm import backends
 from abnexp.norm.cbn import CBN2d, _BatchMoments, _FusedNormalize
 from abnexp.commands import kernels as K
 from test_kernels import built, spy  # noqa: F401  (fixtures: the module is built; operator counts)
@@ -22,7 +22,7 @@ STEPS = 5
 
 
 def run(pair, xs, enabled, monkeypatch):
-    monkeypatch.setattr(native, "ENABLED", enabled)
+    monkeypatch.setattr(backends, "REQUESTED", "auto" if enabled else "torch")
     conv, layer = copy.deepcopy(pair)
     out = []
     for x in xs:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from abnexp.norm import native
+from abnexp.norm import backends
 from abnexp.norm.mabn import MABN2d
 from test_kernels import built, spy  # noqa: F401  (fixtures: the module is built; operator counts)
 
@@ -23,7 +23,7 @@ STEPS = 6
 
 def run(layer, xs, enabled, monkeypatch):
     """Outputs, dL/dx, dL/dweight, dL/dbias of each step, then the buffers."""
-    monkeypatch.setattr(native, "ENABLED", enabled)
+    monkeypatch.setattr(backends, "REQUESTED", "auto" if enabled else "torch")
     layer = copy.deepcopy(layer)
     out = []
     for x in xs:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.func import functional_call
 
-from abnexp.norm import NORM_LAYERS, native
+from abnexp.norm import NORM_LAYERS, backends
 from abnexp.norm.sync import InPlaceABNSync, SyncABN
 from abnexp.commands import kernels as K
 from test_kernels import built, spy  # noqa: F401  (fixtures: the module is built; operator counts)
@@ -50,7 +50,7 @@ def make_layer(name, dtype, act="leaky_relu", param=0.2, c=5):
 
 
 def step(layer, x, g, enabled, monkeypatch):
-    monkeypatch.setattr(native, "ENABLED", enabled)
+    monkeypatch.setattr(backends, "REQUESTED", "auto" if enabled else "torch")
     layer.zero_grad()
     xa = x.clone().requires_grad_()
     z = layer(xa.clone())
