@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,11 @@ import torch
 from conftest import run_cli
 from torch import nn
 from torch.func import functional_call
+
+try:  # Python >= 3.11; the project supports 3.10, whose tomli has the same API
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
 
 from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, backends, native
 from abnexp.norm import functional as Fn
