@@ -17,6 +17,7 @@ fixed-crop and fixed-batch regimes).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -32,17 +33,28 @@ TOP_MODULES = 10
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What one training step is, as four callables (run under fake mode by the simulator).
+    """What one training step is, as four callables (run under fake mode by the simulator) and
+    the trainer's precision settings.
 
     ``model()`` → the module (train mode is set); ``optimizer(model)`` → its optimizer;
     ``inputs(batch, crop)`` → a batch of that many square crops (what the task's loss takes);
-    ``loss(model, batch)`` → the scalar loss.
+    ``loss(model, batch)`` → the scalar loss. ``amp``: the autocast dtype of the forward pass and
+    loss (torch.bfloat16 / torch.float16; None = float32); float16 also scales the loss with a
+    ``GradScaler`` (abnexp.engine.trainer). ``grad_clip`` > 0: the gradients are unscaled and
+    their global norm clipped before the optimizer step, as the trainer does.
     """
 
     model: Callable[[], nn.Module]
     optimizer: Callable[[nn.Module], torch.optim.Optimizer]
     inputs: Callable[[int, int], Any]
     loss: Callable[[nn.Module, Any], torch.Tensor]
+    amp: Optional[torch.dtype] = None
+    grad_clip: float = 0.0
+
+    def autocast(self):
+        """The forward pass's autocast context (CPU autocast: the simulator's fake tensors are
+        CPU tensors), a null context for float32."""
+        return torch.autocast("cpu", dtype=self.amp) if self.amp is not None else nullcontext()
 
 
 @dataclass
@@ -100,10 +112,13 @@ class Simulator:
         with self.mode:
             self.model = spec.model().train()
             self.optimizer = spec.optimizer(self.model)
+            self.scaler = torch.amp.GradScaler("cpu", enabled=spec.amp == torch.float16)
             for p in self.model.parameters():
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
-            self.optimizer.step()
+            self.scaler.scale(torch.zeros(()))  # the scale and growth tracker exist from the first step on
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
 
     def try_step(self, batch: int, crop: int) -> Optional[StepMemory]:
@@ -123,28 +138,34 @@ class Simulator:
             tr = AllocationTracker(model)
             for t in [*model.parameters(), *model.buffers()]:
                 tr.add(t, "parameters")
-            for state in optimizer.state.values():
-                for t in state.values():
-                    if isinstance(t, torch.Tensor):
-                        tr.add(t, "optimizer")
+            scaler = self.scaler
+            state = [t for s in optimizer.state.values() for t in s.values()]
+            for t in [*state, *([scaler._scale, scaler._growth_tracker] if scaler.is_enabled() else [])]:
+                if isinstance(t, torch.Tensor):
+                    tr.add(t, "optimizer")
             marks = {}
             with tr:
                 tr.phase = "inputs"
                 inputs = self.spec.inputs(batch, crop)
                 marks["inputs"] = len(tr.storages)
                 tr.phase = "forward"
-                loss = self.spec.loss(model, inputs)
+                with self.spec.autocast():
+                    loss = self.spec.loss(model, inputs)
                 marks["forward"] = len(tr.events)
                 kept = [s for s in tr.storages[marks["inputs"]:] if s.alive]
                 tr.phase = "backward"
-                loss.backward()
+                scaler.scale(loss).backward()
                 del loss
                 marks["backward"] = len(tr.events)
                 for p in model.parameters():
                     if p.grad is not None:
                         tr.storages[tr.add(p.grad, "gradients")].category = "gradients"
                 tr.phase = "optimizer"
-                optimizer.step()
+                if self.spec.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), self.spec.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 del inputs
         return _summarize(tr, marks, kept, batch, crop)

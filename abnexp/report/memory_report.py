@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from abnexp.config import compose
+from abnexp.config import choice, compose
 from abnexp.engine.optim import build_optimizer
+from abnexp.engine.runtime import AMP_DTYPES
 from abnexp.errors import ConfigError
 from abnexp.memory import DEVICES, GIB, MIB, Simulator, StepSpec, max_batch, max_crop, measure_max_batch
 from abnexp.tasks import build_task
@@ -55,23 +56,23 @@ def device_capacity(cfg) -> tuple[str, int]:
 
 
 def step_spec(cfg, device: torch.device = torch.device("cpu")) -> StepSpec:
-    """The configured training step: task model, task loss (float32; it moves the CPU-made
-    inputs to ``device``, as from a data loader), the configured optimizer.
+    """The configured training step as the trainer runs it: task model, task loss under
+    ``amp=``'s autocast (it moves the CPU-made inputs to ``device``, as from a data loader),
+    GradScaler for fp16, ``trainer.grad_clip``, the configured optimizer.
 
     Raises:
-        ConfigError: a task without an input table entry (detection), or mixed precision.
+        ConfigError: a task without an input table entry.
     """
     if cfg.task.name not in INPUTS:
-        raise ConfigError(f"abnexp memory simulates task={' or task='.join(INPUTS)} (square crops), "
-                          f"not task={cfg.task.name}")
-    if cfg.amp != "none":
-        raise ConfigError(f"abnexp memory simulates float32 steps; drop amp={cfg.amp}")
-    task, ctx = build_task(cfg), RunContext(device=device)
+        raise ConfigError(f"abnexp memory simulates task={' or task='.join(INPUTS)}, not task={cfg.task.name}")
+    amp = AMP_DTYPES[choice(cfg.amp)]
+    task, ctx = build_task(cfg), RunContext(device=device, amp_dtype=amp)
     make = INPUTS[cfg.task.name]
     return StepSpec(model=task.build_model,
                     optimizer=lambda model: build_optimizer(model, cfg.optim, cfg.data.batch_size),
                     inputs=lambda batch, crop: make(cfg, batch, crop),
-                    loss=lambda model, batch: task.loss(model, batch, ctx)[0])
+                    loss=lambda model, batch: task.loss(model, batch, ctx)[0],
+                    amp=amp, grad_clip=cfg.trainer.grad_clip)
 
 
 def plan_for(cfg, search: bool = True) -> dict:

@@ -18,9 +18,10 @@ def _storage_bytes(tensors) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def real_peak(spec: StepSpec, batch: int, crop: int) -> int:
-    """Peak bytes of a real steady-state step: the persistent tensors' bytes plus the highest
-    running total the profiler's allocation events report during the step."""
+def real_peak(spec: StepSpec, batch: int, crop: int, amp=None) -> int:
+    """Peak bytes of a real steady-state step (under CPU autocast to ``amp``, as the trainer on a
+    CPU): the persistent tensors' bytes plus the highest running total the profiler's allocation
+    events report during the step."""
     torch.manual_seed(0)
     model = spec.model().train()
     optimizer = spec.optimizer(model)
@@ -32,7 +33,10 @@ def real_peak(spec: StepSpec, batch: int, crop: int) -> int:
     persistent = _storage_bytes([*model.parameters(), *model.buffers(), *state])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         inputs = spec.inputs(batch, crop)
-        spec.loss(model, inputs).backward()
+        with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+            loss = spec.loss(model, inputs)
+        loss.backward()
+        del loss
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         del inputs
@@ -54,6 +58,20 @@ def test_simulated_peak_equals_the_real_steps_within_2_percent(norm):
     spec = step_spec(cfg)
     simulated = Simulator(spec).step(8, 64)
     measured = real_peak(spec, 8, 64)
+    assert abs(simulated.tensor_peak_bytes - measured) <= 0.02 * measured, (simulated.tensor_peak_bytes, measured)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["bn", "inplace_abn"])
+def test_simulated_bf16_peak_equals_the_real_autocast_steps_within_2_percent(norm):
+    # bfloat16 autocast keeps the convolutions' outputs and their weights' bf16 copies (the
+    # autocast cache) for backward; the norm layers and the loss run in float32 (their inputs
+    # are bf16); gradients and momentum stay float32
+    cfg = compose(["model=resnet18", f"norm={norm}", "data.crop_size=64", "data.batch_size=8", "amp=bf16"])
+    spec = step_spec(cfg)
+    assert spec.amp == torch.bfloat16
+    simulated = Simulator(spec).step(8, 64)
+    measured = real_peak(spec, 8, 64, amp=torch.bfloat16)
     assert abs(simulated.tensor_peak_bytes - measured) <= 0.02 * measured, (simulated.tensor_peak_bytes, measured)
 
 
@@ -89,6 +107,19 @@ def _conv_spec() -> StepSpec:
                     optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
                     inputs=lambda batch, side: torch.randn(batch, 3, side, side),
                     loss=lambda m, x: m(x).square().sum())
+
+
+def test_bf16_conv_keeps_half_precision_copies_by_hand():
+    # autocast casts input and weight to bf16 (2 bytes) and conv2d keeps both for backward; its
+    # bf16 output is kept by square's backward; the float32 master weight, its gradient and
+    # momentum stay float32
+    spec = _conv_spec()
+    spec = StepSpec(spec.model, spec.optimizer, spec.inputs, spec.loss, amp=torch.bfloat16)
+    r = Simulator(spec).step(4, 16)  # x (4, 3, 16, 16), W (8, 3, 3, 3)
+    x16, w16, out16 = 4 * 3 * 16 * 16 * 2, 8 * 3 * 3 * 3 * 2, 4 * 8 * 16 * 16 * 2
+    assert r.parameters_bytes == r.gradients_bytes == r.optimizer_bytes == 8 * 3 * 3 * 3 * 4
+    assert r.inputs_bytes == 4 * 3 * 16 * 16 * 4
+    assert dict(r.top_modules)["(model)"] == x16 + w16 + out16
 
 
 def test_search_finds_the_boundary():
