@@ -10,7 +10,7 @@ Commands (one explicit table, COMMANDS; each is a module of abnexp.commands):
           abnexp table memory: InPlace-ABN Table 3's crop counts by the memory planner
   memory  a step's simulated peak, what fits memory.device: abnexp memory model=resnext101 [memory.json=PATH]
   data    check a dataset before training: abnexp data check data=cityscapes data.root=PATH
-  kernels native kernels: abnexp kernels build [--cuda] [--verbose] | abnexp kernels check [--device]
+  kernels kernel backends: abnexp kernels build [--backend native|triton] [--arch ...] | abnexp kernels check [--backend] [--device]
   import  weights from elsewhere (reference InPlace-ABN *.pth.tar, torchvision / timm state dicts) as an
           abnexp checkpoint: abnexp import PATH out=FILE [model=NAME] [norm=NAME] [key=value ...]
 """

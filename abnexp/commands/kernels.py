@@ -1,8 +1,12 @@
-"""``abnexp kernels build`` / ``abnexp kernels check``: build the native module, compare it with
+"""``abnexp kernels build`` / ``abnexp kernels check``: build a kernel backend, compare it with
 the PyTorch reference path.
 
-``build`` compiles (or reuses the cached build of) kernels/ and reports what was built.
-``check`` runs every native operator against its reference in :mod:`abnexp.norm.functional`
+``build --backend native`` compiles (or reuses the cached build of) the C++/CUDA module and reports
+what was built; ``build --backend triton --arch sm_80,sm_90,gfx942`` compiles every Triton kernel
+ahead of time for those targets (no GPU needed) and prints each kernel's registers, spills and
+shared memory, exiting 1 if one fails. ``check --backend B`` runs every operator of backend B
+(:mod:`abnexp.norm.backends`; ``auto``: the one chosen per device) against its reference in
+:mod:`abnexp.norm.functional`
 on small random inputs -- float64 / float32 / float16 / bfloat16, contiguous and channels-last,
 odd sizes (C = 1, N*HW = 2, sizes that are not a multiple of the vector width) and inputs of
 mean 1e4, std 1 -- prints the largest relative error per operator and exits with status 1 on a
@@ -23,7 +27,7 @@ from typing import Callable
 import torch
 
 from abnexp.norm import functional as Fn
-from abnexp.norm import native
+from abnexp.norm import backends, native
 from abnexp.norm.activations import get_activation
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -73,9 +77,9 @@ def _grad_scale(dz, invstd, gamma) -> float:
     return dz.abs().max().item() * (gamma * invstd).abs().max().item()
 
 
-# each check returns [(what, error, tolerance)] for one input
-def check_statistics(x: torch.Tensor):
-    mean, var, count = native.ops().statistics(x)
+# each check returns [(what, error, tolerance)] for one input, from the operators of ``ops``
+def check_statistics(ops, x: torch.Tensor):
+    mean, var, count = ops.statistics(x)
     ref_mean, ref_var = Fn.batch_statistics(x)
     truth_var, truth_mean = torch.var_mean(x.double(), dim=Fn.reduce_dims(x), correction=0)
     tol = tolerance(x.dtype, False)
@@ -85,7 +89,7 @@ def check_statistics(x: torch.Tensor):
     return out + [("mean vs float64", relative_error(mean, truth_mean), tol)]
 
 
-def check_merge_statistics(x: torch.Tensor):
+def check_merge_statistics(ops, x: torch.Tensor):
     """Workers with unequal counts (x split along N) and an empty worker (NaN statistics):
     against the reference merge, and in float64 against the statistics of the whole batch."""
     parts = [x[:1], x[1:], x[:0]] if x.shape[0] > 1 else [x, x[:0]]
@@ -96,7 +100,7 @@ def check_merge_statistics(x: torch.Tensor):
         args = (torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]),
                 torch.tensor([float(Fn.values_per_channel(p)) for p in parts], dtype=dtype,
                              device=x.device))
-        mean, var, total = native.ops().merge_statistics(*args)
+        mean, var, total = ops.merge_statistics(*args)
         ref_mean, ref_var, ref_total = (Fn.merge_statistics(*args) if dtype != torch.float64
                                         else (*Fn.batch_statistics(x.double()), total))
         tol, tag = tolerance(dtype, False), "reference" if dtype != torch.float64 else "float64 batch"
@@ -106,21 +110,21 @@ def check_merge_statistics(x: torch.Tensor):
     return out
 
 
-def check_forward(x: torch.Tensor):
+def check_forward(ops, x: torch.Tensor):
     mean, invstd, gamma, beta = _params(x)
     out, tol = [], tolerance(x.dtype, True)
     for act, p in ACTIVATIONS:
         ref = Fn.forward(x, mean, invstd, gamma, beta, act, p)
-        z = native.ops().forward(x, mean, invstd, gamma, beta, act, p)
+        z = ops.forward(x, mean, invstd, gamma, beta, act, p)
         inplace = x.clone()
-        native.ops().forward_(inplace, mean, invstd, gamma, beta, act, p)
+        ops.forward_(inplace, mean, invstd, gamma, beta, act, p)
         out += [(f"{act}", relative_error(z, ref), tol),
                 (f"{act} in place", relative_error(inplace, ref), tol),
                 (f"{act} strides", float(z.stride() != x.stride()), 0.0)]
     return out
 
 
-def check_inplace_backward(x: torch.Tensor):
+def check_inplace_backward(ops, x: torch.Tensor):
     mean, invstd, gamma, beta = _params(x)
     dz = make_input(x.shape, x.dtype, "contiguous", x.device, seed=2)
     m, out = Fn.values_per_channel(x), []
@@ -128,7 +132,7 @@ def check_inplace_backward(x: torch.Tensor):
         z = Fn.forward(x, mean, invstd, gamma, beta, act, p)
         for variant in ("I", "II"):
             dy, t, s1, s2 = Fn.inplace_backward_reduce(z, dz, gamma, beta, act, p, variant)
-            n1, n2 = native.ops().inplace_backward_reduce(z, dz, gamma, beta, act, p, variant)
+            n1, n2 = ops.inplace_backward_reduce(z, dz, gamma, beta, act, p, variant)
             scale = dy.abs().sum(Fn.reduce_dims(dy)).max().item()
             out += [(f"{act} {variant} sum_dy", relative_error(n1, s1, scale), tolerance(x.dtype, False)),
                     (f"{act} {variant} sum_dy_t", relative_error(n2, s2, scale * t.abs().max().item()),
@@ -138,9 +142,9 @@ def check_inplace_backward(x: torch.Tensor):
                 extra = (beta,) if variant == "II" else ()
                 ref = grad(dy.clone(), t, invstd, gamma, *extra, s1, s2, m, batch_stats, x.dtype)
                 args = (invstd, gamma, beta, s1, s2, m, batch_stats, act, p, variant)
-                dx = native.ops().inplace_backward_elementwise(z, dz, *args)
+                dx = ops.inplace_backward_elementwise(z, dz, *args)
                 into = dz.clone()
-                native.ops().inplace_backward_elementwise_(z, into, *args)
+                ops.inplace_backward_elementwise_(z, into, *args)
                 scale_dx = _grad_scale(dz, invstd, gamma)
                 out += [(f"{act} {variant} dx (batch stats {batch_stats})",
                          relative_error(dx, ref, scale_dx), tolerance(x.dtype, True)),
@@ -149,7 +153,7 @@ def check_inplace_backward(x: torch.Tensor):
     return out
 
 
-def check_xhat_backward(x: torch.Tensor):
+def check_xhat_backward(ops, x: torch.Tensor):
     """The three xhat forms: x with mean (checkpoint baseline), xhat (proposed), x and z (ABN)."""
     mean, invstd, gamma, beta = _params(x)
     dz = make_input(x.shape, x.dtype, "contiguous", x.device, seed=3)
@@ -166,23 +170,23 @@ def check_xhat_backward(x: torch.Tensor):
                 dy = get_activation(act).backward(zk.to(cdt), dz.to(cdt), p)
                 s1, s2 = Fn.backward_reduce(dy, xhat)
             norm = invstd if mk is not None else None
-            n1, n2 = native.ops().xhat_backward_reduce(src, dz, zk, mk, norm, gamma, beta, act, p)
+            n1, n2 = ops.xhat_backward_reduce(src, dz, zk, mk, norm, gamma, beta, act, p)
             scale = dy.abs().sum(Fn.reduce_dims(dy)).max().item()
             tol, scale_t = tolerance(x.dtype, False), scale * xhat.abs().max().item()
             out += [(f"{act} {form} sum_dy", relative_error(n1, s1, scale), tol),
                     (f"{act} {form} sum_dy_xhat", relative_error(n2, s2, scale_t), tol)]
             ref = Fn.grad_input_xhat(dy.clone(), xhat, invstd, gamma, s1, s2, m, True, x.dtype)
             args = (zk, mk, invstd, gamma, beta, s1, s2, m, True, act, p)
-            dx = native.ops().xhat_backward_elementwise(src, dz, *args)
+            dx = ops.xhat_backward_elementwise(src, dz, *args)
             into = dz.clone()
-            native.ops().xhat_backward_elementwise_(src, into, *args)
+            ops.xhat_backward_elementwise_(src, into, *args)
             scale_dx, tol = _grad_scale(dz, invstd, gamma), tolerance(x.dtype, True)
             out += [(f"{act} {form} dx", relative_error(dx, ref, scale_dx), tol),
                     (f"{act} {form} dx into dz", relative_error(into, ref, scale_dx), tol)]
     return out
 
 
-def check_linear_backward(x: torch.Tensor):
+def check_linear_backward(ops, x: torch.Tensor):
     """The linear forms (MABN, CBN, the statistics' backward): identity without z and every
     activation with z; dL/dz = x gives (sum x, sum x^2)."""
     mean, invstd, gamma, beta = _params(x)
@@ -195,15 +199,15 @@ def check_linear_backward(x: torch.Tensor):
             if zk is None and act != "identity":
                 continue
             s1, s2 = Fn.linear_backward_reduce(x, dk, zk, act, p)
-            n1, n2 = native.ops().linear_backward_reduce(x, dk, zk, act, p)
+            n1, n2 = ops.linear_backward_reduce(x, dk, zk, act, p)
             scale = dk.abs().double().sum(Fn.reduce_dims(x)).max().item()
             tol = tolerance(x.dtype, False)
             out += [(f"{act} {form} sum_dy", relative_error(n1, s1, scale), tol),
                     (f"{act} {form} sum_dy_x", relative_error(n2, s2, scale * x.abs().max().item()), tol)]
             ref = Fn.linear_grad_input(x, dk, zk, a, b, c, act, p)
-            dx = native.ops().linear_backward_elementwise(x, dk, zk, a, b, c, act, p)
+            dx = ops.linear_backward_elementwise(x, dk, zk, a, b, c, act, p)
             into = dk.clone()
-            native.ops().linear_backward_elementwise_(x, into, zk, a, b, c, act, p)
+            ops.linear_backward_elementwise_(x, into, zk, a, b, c, act, p)
             scale_dx = ref.abs().max().item()
             out += [(f"{act} {form} dx", relative_error(dx, ref, scale_dx), tolerance(x.dtype, True)),
                     (f"{act} {form} dx into dz", relative_error(into, ref, scale_dx), tolerance(x.dtype, True))]
@@ -228,15 +232,16 @@ def cases(layout: str):
     return [(s, False) for s in shapes] + [((3, 5, 123, 211), True)]
 
 
-def run_check(name: str, dtype: torch.dtype, layout: str, device: str) -> list[tuple[str, float, float]]:
-    """All (what, error, tolerance) of operator group ``name`` for one dtype / layout / device."""
+def run_check(ops, name: str, dtype: torch.dtype, layout: str, device: str) -> list[tuple[str, float, float]]:
+    """All (what, error, tolerance) of operator group ``name`` of the operator namespace ``ops``
+    (``torch.ops.abnexp`` / ``torch.ops.abnexp_triton``) for one dtype / layout / device."""
     results = []
     for shape, large_mean in cases(layout):
         if large_mean and dtype in (torch.float16, torch.bfloat16):
             continue  # 1e4 + N(0, 1) is not representable in half precision
         x = make_input(shape, dtype, layout, device, large_mean)
         tag = f"{tuple(shape)}{' mean 1e4' if large_mean else ''}"
-        results += [(f"{tag} {what}", err, tol) for what, err, tol in CHECKS[name](x)]
+        results += [(f"{tag} {what}", err, tol) for what, err, tol in CHECKS[name](ops, x)]
     return results
 
 
@@ -265,23 +270,25 @@ def compile_cuda_object(output: Path, archs=("8.0", "9.0"), timeout: float = 600
 
 def check_main(args) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise native.KernelBuildError("--device cuda needs a CUDA GPU (torch.cuda.is_available() "
-                                      "is False); use --device cpu")
-    native.build(cuda=args.device == "cuda" or None)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and native.available("cuda") else [])
-    if args.device != "all":
-        devices = [args.device]
+        raise native.KernelBuildError("--device cuda needs a GPU (torch.cuda.is_available() is False); "
+                                      "use --device cpu")
+    devices = [args.device] if args.device != "all" else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     failed = 0
     for device in devices:
-        for name in CHECKS:
+        name = backends.choose(device, args.backend)
+        if name == "torch":
+            print(f"skip {device}: no kernel backend serves {device} tensors here (see the warning above)")
+            continue
+        ops = getattr(torch.ops, backends.BACKENDS[name].namespace)
+        for group in CHECKS:
             for dname, dtype in DTYPES.items():
                 for layout in LAYOUTS:
-                    results = run_check(name, dtype, layout, device)
+                    results = run_check(ops, group, dtype, layout, device)
                     bad = [r for r in results if not r[1] <= r[2]]
                     worst = max(results, key=lambda r: r[1] / max(r[2], 1e-300))
                     status = "FAIL" if bad else "ok"
-                    print(f"{status:4s} {device:4s} {name:17s} {dname:8s} {layout:13s} "
-                          f"max rel. error {worst[1]:.2e} (tol {worst[2]:.0e}) {len(results)} checks")
+                    print(f"{status:4s} {name:6s} {device:4s} {group:17s} {dname:8s} {layout:13s} "
+                          f"max rel. error {worst[1]:.2e} (tol {worst[2]:.0e}) {len(results)} checks", flush=True)
                     for what, err, tol in bad[:5]:
                         print(f"       mismatch: {what}: {err:.3e} > {tol:.0e}")
                     failed += bool(bad)
@@ -290,13 +297,10 @@ def check_main(args) -> int:
 
 
 def build_main(args) -> int:
-    info = native.build(cuda=args.cuda, verbose=args.verbose)
-    devices = "CPU + CUDA (" + ", ".join(f"sm_{a.replace('.', '')}" for a in info.cuda_archs) + ")" \
-        if info.cuda else "CPU"
-    print(f"built {info.name}: {devices} kernels from {native.kernels_dir()}\n"
-          f"  library: {info.library}\n  host flags: {' '.join(info.cflags)}\n"
-          f"  build/load time: {info.seconds:.1f} s (cached builds only reload)")
-    return 0
+    archs = tuple(a for a in (args.arch or "").split(",") if a)
+    lines, ok = backends.BACKENDS[args.backend].build(archs, args.cuda, args.verbose)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def kernels_command(argv: list[str]) -> None:
@@ -307,11 +311,21 @@ def kernels_command(argv: list[str]) -> None:
     """
     p = argparse.ArgumentParser(prog="abnexp kernels", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build (or reuse) the native module and report it")
+    kernel_backends = [n for n, b in backends.BACKENDS.items() if b.namespace]
+    b = sub.add_parser("build", help="build a backend's kernels and report them")
+    b.add_argument("--backend", choices=kernel_backends, default="native",
+                   help="native: build (or reuse) the C++/CUDA module; triton: compile every Triton "
+                        "kernel ahead of time for --arch (no GPU needed)")
+    b.add_argument("--arch", default=None,
+                   help="comma-separated targets: sm_80,sm_90 (native: the CUDA kernels for these; "
+                        "triton: also gfx942 and other AMD targets); default: native builds for the "
+                        "visible GPUs (CPU only without one), triton compiles sm_80,sm_90,gfx942")
     b.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the CUDA kernels (default: when CUDA is available)")
+                   help="native: compile the CUDA kernels (default: when a GPU and the toolkit are found)")
     b.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
-    c = sub.add_parser("check", help="compare every native operator with the reference path")
+    c = sub.add_parser("check", help="compare every operator of a backend with the reference path")
     c.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    c.add_argument("--backend", choices=["auto"] + kernel_backends, default="auto",
+                   help="the backend checked (auto: the one ABNEXP_KERNELS=auto picks per device)")
     args = p.parse_args(argv)
     sys.exit(build_main(args) if args.command == "build" else check_main(args))

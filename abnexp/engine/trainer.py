@@ -32,6 +32,7 @@ from abnexp.engine.logging import RunLogger, peak_memory_bytes, run_hparams
 from abnexp.engine.optim import EpochLR, build_optimizer
 from abnexp.engine.runtime import make_eval_loader, run_context, unwrap
 from abnexp.errors import AbnexpError, ConfigError
+from abnexp.norm import backends
 from abnexp.norm.sync import check_running_stats_synchronized, set_process_group
 from abnexp.tasks import build_task
 
@@ -54,6 +55,9 @@ def train(cfg, run_dir: str | Path) -> dict:
     env = init_distributed()
     ctx = run_context(cfg, env)
     device = ctx.device
+    kernels = backends.describe(device.type)  # raises now, not mid-step, if ABNEXP_KERNELS cannot serve device
+    if env.is_main:
+        log.info("normalization kernels: %s (%s)", kernels, backends.BACKENDS[kernels].summary)
     recipe_world = cfg.experiment.world_size if cfg.get("experiment") else env.world_size
     if recipe_world != env.world_size:
         log.warning("the recipe assumes %d processes (global batch %d) but %d are running (global batch %d): "
@@ -230,6 +234,6 @@ def train(cfg, run_dir: str | Path) -> dict:
             checkpoint(is_best=improved)
             if not finished() and on_any_rank(signals.received is not None)[0]:  # during validation
                 exit_preempted()
-        logger.hparams(run_hparams(cfg, env.world_size), metrics)  # TensorBoard HParams, at the end only
+        logger.hparams({**run_hparams(cfg, env.world_size), "kernels": kernels}, metrics)  # TensorBoard HParams, at the end only
     log.info("run dir: %s", run_dir)
     return metrics

@@ -56,11 +56,14 @@ class Backend:
             type now (building or registering its operators on the first call), else the
             reason it cannot, naming what to install or set.
         namespace: ``torch.ops`` namespace of its operators; None for the reference path.
+        build: (archs, cuda, verbose) -> (report lines, ok): ``abnexp kernels build``; archs
+            like ("sm_90", "gfx942"), empty for the backend's default; None: nothing to build.
     """
 
     summary: str
     probe: Callable[[str], Optional[str]]
     namespace: Optional[str]
+    build: Optional[Callable[[tuple[str, ...], Optional[bool], bool], tuple[list[str], bool]]] = None
 
 
 def _triton_probe(device_type: str) -> Optional[str]:
@@ -71,11 +74,39 @@ def _triton_probe(device_type: str) -> Optional[str]:
     return triton_backend.probe(device_type)
 
 
+def _native_build(archs: tuple[str, ...], cuda: Optional[bool], verbose: bool) -> tuple[list[str], bool]:
+    """Build (or reuse) the C++/CUDA module; ``archs`` (sm_XY) set TORCH_CUDA_ARCH_LIST and imply
+    ``cuda``. Raises :class:`~abnexp.norm.native.KernelBuildError` on failure."""
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = " ".join(f"{a[3:-1]}.{a[-1]}" for a in archs)
+        cuda = True
+    info = native.build(cuda=cuda, verbose=verbose)
+    devices = ("CPU + CUDA (" + ", ".join(f"sm_{a.replace('.', '')}" for a in info.cuda_archs) + ")"
+               if info.cuda else "CPU")
+    return [f"built {info.name}: {devices} kernels from {native.kernels_dir()}",
+            f"  library: {info.library}", f"  host flags: {' '.join(info.cflags)}",
+            f"  build/load time: {info.seconds:.1f} s (cached builds only reload)"], True
+
+
+def _triton_build(archs: tuple[str, ...], cuda: Optional[bool], verbose: bool) -> tuple[list[str], bool]:
+    """Compile every Triton kernel ahead of time for ``archs`` (default sm_80, sm_90, gfx942)."""
+    from abnexp.norm import triton_backend
+
+    rows = triton_backend.compile_ahead(list(archs or ("sm_80", "sm_90", "gfx942")))
+    lines = [f"{'kernel':40s} {'arch':7s} {'registers':>9s} {'spills':>6s} {'shared B':>8s}"]
+    for r in rows:
+        lines.append(f"{r['kernel']:40s} {r['arch']:7s} " + (
+            f"{r['registers']:9d} {r['spills']:6d} {r['shared_bytes']:8d}" if r["ok"] else f"FAILED: {r['error']}"))
+    failed = sum(not r["ok"] for r in rows)
+    lines.append(f"abnexp kernels build --backend triton: {len(rows) - failed} of {len(rows)} kernels compiled")
+    return lines, failed == 0 and bool(rows)
+
+
 BACKENDS: dict[str, Backend] = {
     "native": Backend("the native module (C++ kernels for CPU tensors, CUDA kernels for CUDA tensors; "
-                      "kernels/, built just in time)", native.probe, "abnexp"),
+                      "kernels/, built just in time)", native.probe, "abnexp", _native_build),
     "triton": Backend("the Triton kernels (kernels/abn_triton.py, compiled by Triton on first use)",
-                      _triton_probe, "abnexp_triton"),
+                      _triton_probe, "abnexp_triton", _triton_build),
     "torch": Backend("the PyTorch reference path of the normalization layers (abnexp.norm.functional)",
                      lambda device_type: None, None),
 }
@@ -138,7 +169,7 @@ def _choose(device_type: str, requested: str) -> str:
 def _report(device_type: str, name: str, reasons: list[str]) -> None:
     """Once per process, on rank 0: which backend serves ``device_type`` and why not the ones
     before it (a warning when that is the reference path, an info line otherwise)."""
-    message = (f"abnexp: {device_type} tensors use the {BACKENDS[name].summary} "
+    message = (f"abnexp: {device_type} tensors use {BACKENDS[name].summary} "
                f"({'; '.join(reasons)})")
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
         or torch.distributed.get_rank() == 0

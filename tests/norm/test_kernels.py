@@ -289,7 +289,7 @@ def test_cli_check_exits_nonzero_on_mismatch(monkeypatch, capsys, one_case):
     real = Fn.batch_statistics
     monkeypatch.setattr(Fn, "batch_statistics", lambda x: (real(x)[0] + 1e-3, real(x)[1]))
     code, out, _ = run_cli(["kernels", "check", "--device", "cpu"], capsys)
-    assert code == 1 and "FAIL cpu  statistics" in out and "mismatch:" in out
+    assert code == 1 and "FAIL native cpu  statistics" in out and "mismatch:" in out
 
 
 @pytest.mark.slow  # compiles
