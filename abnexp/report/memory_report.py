@@ -10,7 +10,9 @@ InPlace-ABN Table 3.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -19,6 +21,8 @@ from abnexp.engine.optim import build_optimizer
 from abnexp.engine.runtime import AMP_DTYPES
 from abnexp.errors import ConfigError
 from abnexp.memory import DEVICES, GIB, MIB, Simulator, StepSpec, max_batch, max_crop, measure_max_batch
+from abnexp.memory.detection import detection_inputs, upper_bound_losses
+from abnexp.models.detection import HEADS
 from abnexp.tasks import build_task
 from abnexp.tasks.base import RunContext
 
@@ -31,9 +35,39 @@ def _semseg_batch(cfg, batch: int, crop: int):
     return torch.randn(batch, 3, crop, crop), torch.randint(0, cfg.data.num_classes, (batch, crop, crop))
 
 
-INPUTS = {"cls": _cls_batch, "semseg": _semseg_batch}
-"""task name -> (cfg, batch, crop) -> a training batch as the task's loss takes it (float32
-images (N, 3, S, S); int64 class ids (N,) or per pixel (N, S, S))."""
+def _detection_batch(cfg, batch: int, side: int):
+    d = cfg.data
+    return detection_inputs(batch, side, round(side * d.max_size / d.min_size), cfg.memory.gt_instances,
+                            HEADS[cfg.head.name].masks, d.num_classes)
+
+
+def _detection_upper_bound(model, batch) -> torch.Tensor:
+    return sum(upper_bound_losses(model, *batch).values())
+
+
+@dataclass(frozen=True)
+class PlannedTask:
+    """How ``abnexp memory`` simulates one task: ``inputs(cfg, batch, side)`` → a training batch
+    as the task's loss takes it; ``side(cfg)`` → the image side planned when ``memory.crop`` is 0;
+    ``simulated_loss(model, batch)`` → the loss on fake tensors (None: the task's own loss);
+    ``crop_search``: whether the largest square crop is searched (square crops are the task's input)."""
+
+    inputs: Callable
+    side: Callable
+    simulated_loss: Optional[Callable] = None
+    crop_search: bool = True
+
+
+PLANNED_TASKS = {
+    "cls": PlannedTask(_cls_batch, lambda cfg: cfg.data.crop_size),
+    "semseg": PlannedTask(_semseg_batch, lambda cfg: cfg.data.crop_size),
+    "detection": PlannedTask(_detection_batch, lambda cfg: cfg.data.min_size, _detection_upper_bound,
+                             crop_search=False),
+}
+"""task name -> its entry. cls: float32 images (N, 3, S, S), int64 class ids (N,); semseg: the same
+with class ids per pixel (N, S, S); detection: N images (3, S, S·max_size/min_size) with
+``memory.gt_instances`` boxes / labels / masks each, the step an upper bound
+(abnexp.memory.detection)."""
 
 
 def device_capacity(cfg) -> tuple[str, int]:
@@ -55,23 +89,26 @@ def device_capacity(cfg) -> tuple[str, int]:
     return name, capacity
 
 
-def step_spec(cfg, device: torch.device = torch.device("cpu")) -> StepSpec:
+def step_spec(cfg, device: torch.device = torch.device("cpu"), simulated: bool = True) -> StepSpec:
     """The configured training step as the trainer runs it: task model, task loss under
     ``amp=``'s autocast (it moves the CPU-made inputs to ``device``, as from a data loader),
-    GradScaler for fp16, ``trainer.grad_clip``, the configured optimizer.
+    GradScaler for fp16, ``trainer.grad_clip``, the configured optimizer. ``simulated``: the
+    loss runs on fake tensors (detection: the upper-bound step of abnexp.memory.detection);
+    False: the task's own loss (real steps).
 
     Raises:
         ConfigError: a task without an input table entry.
     """
-    if cfg.task.name not in INPUTS:
-        raise ConfigError(f"abnexp memory simulates task={' or task='.join(INPUTS)}, not task={cfg.task.name}")
+    if cfg.task.name not in PLANNED_TASKS:
+        raise ConfigError(f"abnexp memory simulates task={' or task='.join(PLANNED_TASKS)}, not task={cfg.task.name}")
     amp = AMP_DTYPES[choice(cfg.amp)]
     task, ctx = build_task(cfg), RunContext(device=device, amp_dtype=amp)
-    make = INPUTS[cfg.task.name]
+    planned = PLANNED_TASKS[cfg.task.name]
+    loss = (planned.simulated_loss if simulated and planned.simulated_loss
+            else lambda model, batch: task.loss(model, batch, ctx)[0])
     return StepSpec(model=task.build_model,
                     optimizer=lambda model: build_optimizer(model, cfg.optim, cfg.data.batch_size),
-                    inputs=lambda batch, crop: make(cfg, batch, crop),
-                    loss=lambda model, batch: task.loss(model, batch, ctx)[0],
+                    inputs=lambda batch, crop: planned.inputs(cfg, batch, crop), loss=loss,
                     amp=amp, grad_clip=cfg.trainer.grad_clip)
 
 
@@ -93,7 +130,8 @@ def plan_for(cfg, search: bool = True) -> dict:
     t0 = time.perf_counter()
     device, capacity = device_capacity(cfg)
     spec = step_spec(cfg)
-    crop = cfg.memory.crop or cfg.data.crop_size
+    planned = PLANNED_TASKS.get(cfg.task.name)
+    crop = cfg.memory.crop or (planned.side(cfg) if planned else 0)
     batch = cfg.memory.batch or cfg.data.batch_size
     with torch.random.fork_rng(devices=[]):
         sim = Simulator(spec)
@@ -110,7 +148,7 @@ def plan_for(cfg, search: bool = True) -> dict:
         if search:
             multiple = max(cfg.norm.get("group_size", 0) or 1, 1)
             result["max_batch"] = max_batch(sim, crop, capacity, multiple)
-            result["max_crop"] = max_crop(sim, batch, capacity, start=crop)
+            result["max_crop"] = max_crop(sim, batch, capacity, start=crop) if planned.crop_search else None
             low, high = sim.try_step(2 * multiple, crop), sim.try_step(4 * multiple, crop)
             if low is not None and high is not None:  # the allocated peak's growth per crop
                 result["per_crop_bytes"] = (high.allocated_peak_bytes - low.allocated_peak_bytes) // (2 * multiple)
@@ -147,7 +185,7 @@ def measured_max_batch(cfg, crop: int, upper: int) -> int:
     device, capacity = check_measure(cfg)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(capacity / total, device)
-    spec = step_spec(cfg, device)
+    spec = step_spec(cfg, device, simulated=False)
     model = spec.model().to(device).train()
     optimizer = spec.optimizer(model)
 

@@ -35,7 +35,7 @@ def test_memory_command_writes_json_and_inplace_fits_more(tmp_path, capsys):
     (["model=resnet19"], "resnet19"),
     (["memory.device=titan_x"], "memory.device='titan_x' is not a known GPU"),
     (["memory.reserved_gb=20"], "lower memory.reserved_gb"),
-    (["task=detection"], "not task=detection"),
+    (["task=detection", "memory.gt_instances=0"], "memory.gt_instances=0"),
 ])
 def test_memory_command_bad_input(capsys, args, message):
     code, _, err = run_cli(["memory", *args], capsys)

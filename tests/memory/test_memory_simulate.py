@@ -18,10 +18,10 @@ def _storage_bytes(tensors) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def real_peak(spec: StepSpec, batch: int, crop: int, amp=None) -> int:
+def real_peak(spec: StepSpec, batch: int, crop: int, amp=None, make_inputs=None) -> int:
     """Peak bytes of a real steady-state step (under CPU autocast to ``amp``, as the trainer on a
-    CPU): the persistent tensors' bytes plus the highest running total the profiler's allocation
-    events report during the step."""
+    CPU) on ``make_inputs()`` (default: ``spec.inputs(batch, crop)``): the persistent tensors'
+    bytes plus the highest running total the profiler's allocation events report during the step."""
     torch.manual_seed(0)
     model = spec.model().train()
     optimizer = spec.optimizer(model)
@@ -32,7 +32,7 @@ def real_peak(spec: StepSpec, batch: int, crop: int, amp=None) -> int:
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     persistent = _storage_bytes([*model.parameters(), *model.buffers(), *state])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        inputs = spec.inputs(batch, crop)
+        inputs = make_inputs() if make_inputs else spec.inputs(batch, crop)
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             loss = spec.loss(model, inputs)
         loss.backward()
