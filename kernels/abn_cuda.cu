@@ -1,18 +1,29 @@
 // CUDA kernels of the BN + activation operators (see abn.h for layouts and notation).
 //
 // Reductions run in two stages: stage 1 launches a (channel groups x splits) grid, every block
-// reducing one slice of its channel(s) -- per-thread Welford (statistics) or sums in acc_t,
-// then warp shuffles / shared memory with Chan's merge -- and writes one partial per
-// (channel, split); stage 2 merges the partials of each channel in a fixed order (float64 for
-// the statistics), so results are deterministic. Access is coalesced in both layouts:
+// reducing one slice of its channel(s) -- per-thread accumulators, then warp shuffles / shared
+// memory with Chan's merge -- and writes one partial per (channel, split); stage 2 merges the
+// partials of each channel in a fixed order (float64 for the statistics), so results are
+// deterministic (no float atomics). Access is coalesced in both layouts:
 //   * channel-major: a block walks one channel's runs of S contiguous values, consecutive
 //     threads on consecutive addresses;
 //   * channels-last: a block is 32 channels (one warp reads 32 consecutive values of a row)
 //     x kRowsY rows.
-// Elementwise kernels are grid-stride loops over the flat index. The activation is a runtime
-// switch (uniform per launch) to keep the number of instantiations, and the build, small.
-// Written for sm_80 and newer (sm_90 / Hopper); block shapes are conservative choices, not
-// tuned on hardware.
+// Statistics are shifted: every thread subtracts its channel's first value K (exact in float32
+// when x and K are within a factor 2 of each other, Sterbenz) and sums d = x - K and d^2 over
+// chunks of kChunk values, folding each chunk into a Welford state (count, mean, M2 of d) with
+// Chan's formula; mean = K + mean(d) at the end (float64). An unshifted float32 Welford loses
+// digits on large-mean inputs: 1.7e-5 relative variance error on the mean-1e4 check input,
+// 2e-7 with the shift (tests/norm/test_cuda_statistics_emulation.py emulates both orders of
+// operations on the CPU). Their multiply-adds are written as explicit fma so that nvcc's
+// contraction leaves the order of rounding as the emulation has it.
+// Elementwise kernels run over (plane, element) grids in channel-major layout (a plane is one
+// (n, c) run of S values; the channel is computed once per plane, never per element) and over
+// (channel tile, rows) grids in channels-last layout, with 16-byte vector loads and stores when
+// the run length and every pointer allow it (4 floats, 8 halfs / bfloat16s, 2 doubles), 64-bit
+// indices throughout. The activation is a runtime switch (uniform per launch) to keep the number
+// of instantiations, and the build, small. Written for sm_80 and newer (sm_90 / Hopper); block
+// shapes are conservative choices, not tuned on hardware.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,15 +31,23 @@
 #include <cuda_runtime.h>
 #include <math_constants.h>
 
+#include <initializer_list>
+
 #include "abn.h"
 #include "abn_math.h"
 
 namespace abnexp {
 namespace {
 
-constexpr int kThreads = 512;  // 1-D blocks
+constexpr int kThreads = 512;  // threads per block
 constexpr int kTileC = 32;     // channels-last reductions: channels per block
 constexpr int kRowsY = 16;     // channels-last reductions: rows in flight per block
+constexpr int kChunk = 16;     // statistics: values summed per thread before a Chan merge
+constexpr int kVecBytes = 16;  // elementwise: bytes of one vector load / store
+
+// Vector width of T for 16-byte accesses.
+template <typename T>
+constexpr int kVec = kVecBytes / static_cast<int>(sizeof(T));
 
 template <typename T>
 __device__ __forceinline__ T act_forward_rt(Act act, T y, const ActParam<T>& a) {
@@ -59,17 +78,38 @@ __device__ __forceinline__ T act_inverse_rt(Act act, T z, const ActParam<T>& a) 
   }
 }
 
+// fma rounded once, never contracted differently by the compiler.
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+// ---- vector access --------------------------------------------------------------------------
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load(const T* p, int64_t i) {
+  return *reinterpret_cast<const Vec<T, V>*>(p + i);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store(T* p, int64_t i, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p + i) = v;
+}
+
+bool all_aligned(std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % kVecBytes != 0) return false;
+  return true;
+}
+
 // ---- reduction states -----------------------------------------------------------------------
+// Count, mean and sum of squared deviations (M2) of the shifted values d = x - K.
 template <typename acc>
 struct WelfordState {
   acc n, mean, m2;
   __device__ static WelfordState identity() { return {acc(0), acc(0), acc(0)}; }
-  __device__ void add(acc x) {
-    n += acc(1);
-    const acc d = x - mean;
-    mean += d / n;
-    m2 += d * (x - mean);
-  }
   __device__ void merge(const WelfordState& o) {  // Chan et al.
     if (o.n == acc(0)) return;
     if (n == acc(0)) {
@@ -77,8 +117,9 @@ struct WelfordState {
       return;
     }
     const acc total = n + o.n, d = o.mean - mean, f = o.n / total;
-    mean += d * f;
-    m2 += o.m2 + d * d * n * f;
+    mean = fma_rn(d, f, mean);
+    const acc w = d * d * n;
+    m2 = m2 + fma_rn(w, f, o.m2);
     n = total;
   }
   __device__ WelfordState shfl_down(int offset) const {
@@ -101,57 +142,96 @@ struct SumState {
 };
 
 // ---- element functions ----------------------------------------------------------------------
+// A reduction's op: Thread = one thread's accumulator of channel c (start(c, any): `any` is
+// false for a thread without values, which must not read memory), accumulate(t, i) adds
+// element i, finish(t) gives the State merged across threads and splits.
 template <typename T>
 struct StatsOp {
   using acc = acc_t<T>;
   using State = WelfordState<acc>;
+  struct Thread {
+    acc shift, s1, s2;  // K, sum of d, sum of d^2 over the current chunk
+    int count;          // values in the current chunk
+    State s;            // the chunks so far
+  };
   const T* x;
-  __device__ void accumulate(State& s, int64_t i, int64_t) const { s.add(static_cast<acc>(x[i])); }
-};
+  int64_t shift_stride;  // x[c * shift_stride] is channel c's first value: K
 
-template <typename T>
-struct ForwardOp {
-  using acc = acc_t<T>;
-  const T* x;
-  T* out;
-  const acc *mean, *scale, *beta;
-  ActParam<acc> ap;
-  Act act;
-  __device__ void apply(int64_t i, int64_t c) const {
-    const acc y = (static_cast<acc>(x[i]) - mean[c]) * scale[c] + beta[c];
-    out[i] = static_cast<T>(act_forward_rt(act, y, ap));
+  __device__ Thread start(int64_t c, bool any) const {
+    return {any ? static_cast<acc>(x[c * shift_stride]) : acc(0), acc(0), acc(0), 0, State::identity()};
+  }
+  __device__ void flush(Thread& t) const {
+    if (t.count == 0) return;
+    const acc n = static_cast<acc>(t.count), mean = t.s1 / n;
+    t.s.merge(State{n, mean, fma_rn(-t.s1, mean, t.s2)});
+    t.s1 = t.s2 = acc(0);
+    t.count = 0;
+  }
+  __device__ void accumulate(Thread& t, int64_t i) const {
+    const acc d = static_cast<acc>(x[i]) - t.shift;
+    t.s1 = t.s1 + d;
+    t.s2 = fma_rn(d, d, t.s2);
+    if (++t.count == kChunk) flush(t);
+  }
+  __device__ State finish(Thread& t) const {
+    flush(t);
+    return t.s;
   }
 };
 
-// dL/dy and t of the backward forms (abn.h, struct Channel).
+// dL/dy and t of the backward forms (abn.h, struct Channel), for V consecutive elements from i;
+// P holds one channel's vectors.
 template <typename T>
 struct InplaceForm {
   using acc = acc_t<T>;
+  struct P {
+    acc tshift, tmul;
+  };
   const T* z;
   const T* dz;
   const acc *tshift, *tmul;
   ActParam<acc> ap;
   Act act;
-  __device__ void dy_t(int64_t i, int64_t c, acc& dy, acc& t) const {
-    const acc zi = static_cast<acc>(z[i]);
-    dy = act_backward_rt(act, zi, static_cast<acc>(dz[i]), ap);
-    t = (act_inverse_rt(act, zi, ap) - tshift[c]) * tmul[c];
+  __device__ P params(int64_t c) const { return {tshift[c], tmul[c]}; }
+  bool aligned() const { return all_aligned({z, dz}); }
+  template <int V>
+  __device__ void dy_t(int64_t i, const P (&p)[V], acc (&dy)[V], acc (&t)[V]) const {
+    const auto zv = load<V>(z, i), dzv = load<V>(dz, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc zi = static_cast<acc>(zv.v[k]);
+      dy[k] = act_backward_rt(act, zi, static_cast<acc>(dzv.v[k]), ap);
+      t[k] = (act_inverse_rt(act, zi, ap) - p[k].tshift) * p[k].tmul;
+    }
   }
 };
 
 template <typename T>
 struct XhatForm {
   using acc = acc_t<T>;
+  struct P {
+    acc mean, invstd, gamma, beta;
+  };
   const T* x;
   const T* dz;
   const T* z;  // nullptr: recompute z = act(gamma * xhat + beta)
   const acc *mean, *invstd, *gamma, *beta;
   ActParam<acc> ap;
   Act act;
-  __device__ void dy_t(int64_t i, int64_t c, acc& dy, acc& t) const {
-    t = (static_cast<acc>(x[i]) - mean[c]) * invstd[c];
-    const acc zi = z != nullptr ? static_cast<acc>(z[i]) : act_forward_rt(act, gamma[c] * t + beta[c], ap);
-    dy = act_backward_rt(act, zi, static_cast<acc>(dz[i]), ap);
+  __device__ P params(int64_t c) const { return {mean[c], invstd[c], gamma[c], beta[c]}; }
+  bool aligned() const { return all_aligned({x, dz, z}); }
+  template <int V>
+  __device__ void dy_t(int64_t i, const P (&p)[V], acc (&dy)[V], acc (&t)[V]) const {
+    const auto xv = load<V>(x, i), dzv = load<V>(dz, i);
+    Vec<T, V> zv;
+    if (z != nullptr) zv = load<V>(z, i);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      t[k] = (static_cast<acc>(xv.v[k]) - p[k].mean) * p[k].invstd;
+      const acc zk = z != nullptr ? static_cast<acc>(zv.v[k])
+                                  : act_forward_rt(act, p[k].gamma * t[k] + p[k].beta, ap);
+      dy[k] = act_backward_rt(act, zk, static_cast<acc>(dzv.v[k]), ap);
+    }
   }
 };
 
@@ -159,34 +239,109 @@ template <class Form>
 struct SumsOp {
   using acc = typename Form::acc;
   using State = SumState<acc>;
+  struct Thread {
+    typename Form::P p;
+    State s;
+  };
   Form f;
-  __device__ void accumulate(State& s, int64_t i, int64_t c) const {
-    acc dy, t;
-    f.dy_t(i, c, dy, t);
-    s.u += dy;
-    s.v += dy * t;
+  __device__ Thread start(int64_t c, bool any) const {
+    return {any ? f.params(c) : typename Form::P{}, State::identity()};
+  }
+  __device__ void accumulate(Thread& t, int64_t i) const {
+    const typename Form::P p[1] = {t.p};
+    acc dy[1], tt[1];
+    f.template dy_t<1>(i, p, dy, tt);
+    t.s.u += dy[0];
+    t.s.v += dy[0] * tt[0];
+  }
+  __device__ State finish(Thread& t) const { return t.s; }
+};
+
+// An elementwise op: P = one channel's vectors (params(c)); apply<V>(i, p) writes elements
+// [i, i + V), p[k] being element i + k's channel.
+template <typename T>
+struct ForwardOp {
+  using value_t = T;
+  using acc = acc_t<T>;
+  struct P {
+    acc mean, scale, beta;
+  };
+  const T* x;
+  T* out;
+  const acc *mean, *scale, *beta;
+  ActParam<acc> ap;
+  Act act;
+  __device__ P params(int64_t c) const { return {mean[c], scale[c], beta[c]}; }
+  bool aligned() const { return all_aligned({x, out}); }
+  template <int V>
+  __device__ void apply(int64_t i, const P (&p)[V]) const {
+    const auto xv = load<V>(x, i);
+    Vec<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc y = (static_cast<acc>(xv.v[k]) - p[k].mean) * p[k].scale + p[k].beta;
+      o.v[k] = static_cast<T>(act_forward_rt(act, y, ap));
+    }
+    store<V>(out, i, o);
   }
 };
 
 template <class Form, typename T>
 struct GradInputOp {
+  using value_t = T;
   using acc = typename Form::acc;
+  struct P {
+    typename Form::P f;
+    acc a, b, k;
+  };
   Form f;
   T* dx;
   const acc *a, *b, *k;
-  __device__ void apply(int64_t i, int64_t c) const {
-    acc dy, t;
-    f.dy_t(i, c, dy, t);
-    dx[i] = static_cast<T>(a[c] * dy + b[c] * t + k[c]);
+  __device__ P params(int64_t c) const { return {f.params(c), a[c], b[c], k[c]}; }
+  bool aligned() const { return f.aligned() && all_aligned({dx}); }
+  template <int V>
+  __device__ void apply(int64_t i, const P (&p)[V]) const {
+    typename Form::P fp[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) fp[j] = p[j].f;
+    acc dy[V], t[V];
+    f.template dy_t<V>(i, fp, dy, t);
+    Vec<T, V> o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) o.v[j] = static_cast<T>(p[j].a * dy[j] + p[j].b * t[j] + p[j].k);
+    store<V>(dx, i, o);
   }
 };
 
 // ---- kernels --------------------------------------------------------------------------------
-template <class Op>
-__global__ void elementwise_kernel(Op op, int64_t numel, int64_t C, int64_t S, bool channels_last) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride)
-    op.apply(i, channels_last ? i % C : (i / S) % C);
+// Channel-major: block (tx, ty) holds ty planes (plane = n * C + c: values [plane * S, plane *
+// S + S)), tx threads along each; grid (plane groups, element blocks), the y axis striding over
+// planes longer than gridDim.y blocks. Needs S % V == 0 (every plane starts vector-aligned).
+template <class Op, int V>
+__global__ void elementwise_planes_kernel(Op op, int64_t planes, int64_t C, int64_t S) {
+  const int64_t plane = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (plane >= planes) return;
+  const typename Op::P one = op.params(plane % C);  // once per thread, not per element
+  typename Op::P p[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) p[k] = one;
+  const int64_t base = plane * S, step = static_cast<int64_t>(gridDim.y) * blockDim.x * V;
+  for (int64_t s = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * V; s < S; s += step)
+    op.template apply<V>(base + s, p);
+}
+
+// Channels-last: thread x of a block holds channels [c0, c0 + V) (V consecutive values of a
+// row), threads y stride over rows; grid (channel tiles, row blocks). Needs C % V == 0.
+template <class Op, int V>
+__global__ void elementwise_rows_kernel(Op op, int64_t R, int64_t C) {
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= C) return;
+  typename Op::P p[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) p[k] = op.params(c0 + k);
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < R; r += step)
+    op.template apply<V>(r * C + c0, p);
 }
 
 // Block-wide reduction of a 1-D block; the result is valid in thread 0.
@@ -205,20 +360,20 @@ __device__ State block_reduce(State s) {
 }
 
 // Channel-major: block (c, k) reduces values [k * per_split, (k + 1) * per_split) of channel c
-// (value j = n * S + s at address (n * C + c) * S + s).
+// (value j = n * S + s at address (n * C + c) * S + s); thread t takes values j = begin + t,
+// begin + t + blockDim.x, ...
 template <class Op>
 __global__ void reduce_channel_major_kernel(Op op, int64_t C, int64_t S, int64_t m, int64_t per_split,
                                             typename Op::State* partial) {
-  using State = typename Op::State;
   const int64_t c = blockIdx.x, begin = blockIdx.y * per_split;
   const int64_t end = min(m, begin + per_split);
-  State s = State::identity();
   int64_t j = begin + threadIdx.x;
+  typename Op::Thread t = op.start(c, j < end);
   if (j < end) {
     int64_t n = j / S, r = j - n * S;
     const int64_t step_n = blockDim.x / S, step_r = blockDim.x % S;
     for (; j < end; j += blockDim.x) {
-      op.accumulate(s, (n * C + c) * S + r, c);
+      op.accumulate(t, (n * C + c) * S + r);
       n += step_n;
       r += step_r;
       if (r >= S) {
@@ -227,12 +382,13 @@ __global__ void reduce_channel_major_kernel(Op op, int64_t C, int64_t S, int64_t
       }
     }
   }
-  s = block_reduce(s);
+  const auto s = block_reduce(op.finish(t));
   if (threadIdx.x == 0) partial[c * gridDim.y + blockIdx.y] = s;
 }
 
 // Channels-last: block (tile, k) reduces rows [k * per_split, (k + 1) * per_split) of channels
-// tile * kTileC + threadIdx.x (value (r, c) at address r * C + c).
+// tile * kTileC + threadIdx.x (value (r, c) at address r * C + c); thread y takes rows r0 + y,
+// r0 + y + kRowsY, ...; the kRowsY states of a channel are merged by halving in shared memory.
 template <class Op>
 __global__ void reduce_channels_last_kernel(Op op, int64_t R, int64_t C, int64_t per_split,
                                             typename Op::State* partial) {
@@ -240,10 +396,11 @@ __global__ void reduce_channels_last_kernel(Op op, int64_t R, int64_t C, int64_t
   __shared__ State tile[kRowsY][kTileC];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kTileC + threadIdx.x;
   const int64_t r0 = blockIdx.y * per_split, r1 = min(R, r0 + per_split);
-  State s = State::identity();
-  if (c < C)
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsY) op.accumulate(s, r * C + c, c);
-  tile[threadIdx.y][threadIdx.x] = s;
+  const bool any = c < C && r0 + threadIdx.y < r1;
+  typename Op::Thread t = op.start(c, any);
+  if (any)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kRowsY) op.accumulate(t, r * C + c);
+  tile[threadIdx.y][threadIdx.x] = op.finish(t);
   __syncthreads();
   for (int half = kRowsY / 2; half > 0; half >>= 1) {
     if (threadIdx.y < half) tile[threadIdx.y][threadIdx.x].merge(tile[threadIdx.y + half][threadIdx.x]);
@@ -252,12 +409,14 @@ __global__ void reduce_channels_last_kernel(Op op, int64_t R, int64_t C, int64_t
   if (threadIdx.y == 0 && c < C) partial[c * gridDim.y + blockIdx.y] = tile[0][threadIdx.x];
 }
 
-template <typename acc>
-__global__ void finalize_statistics_kernel(const WelfordState<acc>* partial, int splits, int64_t C, acc* mean,
-                                           acc* var) {
+// Chan's merge of each channel's partials in float64, in split order; mean = K + mean(d).
+template <typename T>
+__global__ void finalize_statistics_kernel(const WelfordState<acc_t<T>>* partial, int splits, int64_t C,
+                                           const T* x, int64_t shift_stride, acc_t<T>* mean, acc_t<T>* var) {
+  using acc = acc_t<T>;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double n = 0, mu = 0, m2 = 0;  // Chan's merge in float64, in split order
+  double n = 0, mu = 0, m2 = 0;
   for (int k = 0; k < splits; ++k) {
     const WelfordState<acc> p = partial[c * splits + k];
     if (p.n == acc(0)) continue;
@@ -266,7 +425,8 @@ __global__ void finalize_statistics_kernel(const WelfordState<acc>* partial, int
     m2 += static_cast<double>(p.m2) + d * d * n * f;
     n = total;
   }
-  mean[c] = static_cast<acc>(n > 0 ? mu : CUDART_NAN);
+  const double shift = n > 0 ? static_cast<double>(static_cast<acc>(x[c * shift_stride])) : 0.0;
+  mean[c] = static_cast<acc>(n > 0 ? shift + mu : CUDART_NAN);
   var[c] = static_cast<acc>(n > 0 ? fmax(0.0, m2 / n) : CUDART_NAN);
 }
 
@@ -326,13 +486,45 @@ at::Tensor reduce_partials(const Op& op, const Geometry& g, const at::Tensor& li
   return ws;
 }
 
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Elementwise launch in the layout's grid (see the kernels) with vector width V.
+template <int V, class Op>
+void launch_elementwise_v(const Op& op, const Geometry& g) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (!g.channels_last) {
+    // tx threads along a plane (a power of 2 in [32, kThreads]), ty = kThreads / tx planes per block
+    const int64_t tx = std::min<int64_t>(kThreads, std::max<int64_t>(32, next_pow2(ceil_div(g.inner, V))));
+    const int64_t ty = kThreads / tx, planes = g.outer * g.channels;
+    const int64_t gy = std::min<int64_t>(ceil_div(g.inner, tx * V), 65535);
+    elementwise_planes_kernel<Op, V><<<dim3(ceil_div(planes, ty), gy), dim3(tx, ty), 0, stream>>>(
+        op, planes, g.channels, g.inner);
+  } else {
+    // tx threads along the channels (whole rows when C / V <= 32), ty rows per block; about
+    // 8 blocks per multiprocessor, each thread striding over rows with its channels' vectors
+    const int64_t tx = std::min<int64_t>(32, next_pow2(ceil_div(g.channels, V)));
+    const int64_t ty = kThreads / tx, tiles = ceil_div(g.channels, tx * V);
+    const int64_t gy = std::max<int64_t>(1, std::min<int64_t>({ceil_div(g.outer, ty), ceil_div(8 * multiprocessors(), tiles),
+                                                               65535}));
+    elementwise_rows_kernel<Op, V><<<dim3(tiles, gy), dim3(tx, ty), 0, stream>>>(op, g.outer, g.channels);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// 16-byte vectors when the run length (S, or C in channels-last) is a multiple of the vector
+// width and every pointer is 16-byte aligned; one element per access otherwise.
 template <class Op>
 void launch_elementwise(const Op& op, const Geometry& g) {
-  const int64_t sms = multiprocessors();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(ceil_div(g.numel(), kThreads), 32 * sms));
-  elementwise_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(op, g.numel(), g.channels,
-                                                                                 g.inner, g.channels_last);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int V = kVec<typename Op::value_t>;
+  if (g.numel() == 0) return;
+  if ((g.channels_last ? g.channels : g.inner) % V == 0 && op.aligned())
+    launch_elementwise_v<V>(op, g);
+  else
+    launch_elementwise_v<1>(op, g);
 }
 
 template <typename acc>
@@ -345,9 +537,11 @@ void statistics_cuda(const at::Tensor& x, const Geometry& g, at::Tensor& mean, a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "abnexp_statistics_cuda", [&] {
     using acc = acc_t<scalar_t>;
     int splits = 1;
-    const auto ws = reduce_partials(StatsOp<scalar_t>{x.const_data_ptr<scalar_t>()}, g, x, splits);
+    const scalar_t* data = x.const_data_ptr<scalar_t>();
+    const int64_t shift_stride = g.channels_last ? 1 : g.inner;  // channel c's first value: x[c * stride]
+    const auto ws = reduce_partials(StatsOp<scalar_t>{data, shift_stride}, g, x, splits);
     finalize_statistics_kernel<<<ceil_div(g.channels, 256), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const WelfordState<acc>*>(ws.const_data_ptr()), splits, g.channels,
+        reinterpret_cast<const WelfordState<acc>*>(ws.const_data_ptr()), splits, g.channels, data, shift_stride,
         mean.data_ptr<acc>(), var.data_ptr<acc>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
