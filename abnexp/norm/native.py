@@ -29,9 +29,11 @@ dL/dx into the dL/dz buffer (callers use them only when that buffer is exclusive
 
 The module is built just in time on first use with ``torch.utils.cpp_extension`` (ninja; cached
 in torch's extensions folder, ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). CUDA
-sources are built when CUDA is available or when asked (``abnexp kernels build --cuda``); the
-toolkit is ``$CUDA_HOME``, else ``/usr/local/cuda`` (an ``nvcc`` on PATH is never used to guess
-it: it may be a wrapper script). Whether this module or another backend serves a tensor is decided
+sources are built when a GPU is visible or when asked (``abnexp kernels build --cuda``), with the
+toolkit of :mod:`abnexp.norm.cuda_toolkit` (``$CUDA_HOME``, else PATH's nvcc followed to the real
+binary, else ``/usr/local/cuda``); when a GPU is visible and the CUDA kernels cannot be built
+(no toolkit, a CUDA major version other than torch's, a failed compile) a RuntimeWarning says why
+and how to fix it, and the CPU kernels are built alone. Whether this module or another backend serves a tensor is decided
 by the backend table of :mod:`abnexp.norm.backends` (``ABNEXP_KERNELS``), through :func:`probe`.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -51,9 +54,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from abnexp.errors import AbnexpError
+from abnexp.norm import cuda_toolkit
+from abnexp.norm.cuda_toolkit import cuda_archs, cuda_home, gencode_flags, nvcc  # noqa: F401 (this module's API)
 
-DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
-"""Architectures compiled when no GPU is visible (``TORCH_CUDA_ARCH_LIST`` overrides)."""
 HOW_TO_GET = ("install a C++20 compiler (g++ >= 10 or clang++) and ninja (pip install ninja), "
               "then run `abnexp kernels build` (and `abnexp kernels check`); set ABNEXP_KERNELS=torch "
               "(or ABNEXP_NATIVE=0) to use the PyTorch reference path without this warning")
@@ -73,6 +76,7 @@ class BuildInfo:
     cuda_archs: tuple[str, ...]
     cflags: tuple[str, ...]
     seconds: float
+    toolkit: str = ""  # "CUDA 13.0 at /usr/local/cuda-13.0" when built with CUDA
 
 
 _BUILT: Optional[BuildInfo] = None
@@ -110,39 +114,6 @@ def extension_name(cuda: bool) -> str:
     return f"abnexp_kernels_{cap}" + ("_cuda" if cuda else "") + f"_{source_digest(cuda)}"
 
 
-def cuda_home() -> Optional[str]:
-    """``$CUDA_HOME`` (or ``$CUDA_PATH``), else ``/usr/local/cuda`` if it exists, else None."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home:
-        return home
-    return "/usr/local/cuda" if os.path.isdir("/usr/local/cuda") else None
-
-
-def nvcc() -> Optional[str]:
-    """The toolkit's ``bin/nvcc`` under :func:`cuda_home`, or None."""
-    home = cuda_home()
-    path = os.path.join(home, "bin", "nvcc") if home else None
-    return path if path and os.path.exists(path) else None
-
-
-def cuda_archs() -> tuple[str, ...]:
-    """``$TORCH_CUDA_ARCH_LIST``, else the visible GPUs' capabilities, else the defaults."""
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return tuple(a for a in env.replace(";", " ").split() if a)
-    if torch.cuda.is_available():
-        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-        return tuple(f"{a}.{b}" for a, b in sorted(caps))
-    return DEFAULT_CUDA_ARCHS
-
-
-def gencode_flags(archs) -> list[str]:
-    """nvcc ``-gencode`` flags for archs like "9.0" (PTX of the newest one for later GPUs)."""
-    nums = [a.replace("+PTX", "").replace(".", "") for a in archs]
-    flags = [f"-gencode=arch=compute_{n},code=sm_{n}" for n in nums]
-    return flags + [f"-gencode=arch=compute_{nums[-1]},code=compute_{nums[-1]}"]
-
-
 def cpu_flags() -> list[str]:
     """Host compiler flags: -O3, OpenMP (ATen's parallel_for), no FP-exception traps (lets GCC
     turn the activations' selects into vector blends; results are unchanged) and AVX2/FMA/F16C
@@ -173,24 +144,35 @@ def cpp_extension_module():
 
 
 def missing_tools(cuda: bool) -> list[str]:
-    """What the build needs and this machine lacks (compiler, ninja, CUDA toolkit)."""
+    """What the build needs and this machine lacks (compiler, ninja; with ``cuda``, a toolkit
+    that can build for this torch: :func:`abnexp.norm.cuda_toolkit.problem`)."""
     missing = []
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         missing.append(f"C++ compiler {cxx!r}")
     if shutil.which("ninja") is None:
         missing.append("ninja")
-    if cuda and nvcc() is None:
-        missing.append(f"CUDA toolkit (no bin/nvcc under CUDA_HOME={cuda_home()!r})")
+    if cuda and (problem := cuda_toolkit.problem()) is not None:
+        missing.append(problem)
     return missing
+
+
+def _not_built_warning(reason: str) -> None:
+    """The loud message of a GPU machine whose native module is built without CUDA kernels."""
+    warnings.warn(f"abnexp: a CUDA GPU is visible but the native CUDA kernels were not built: {reason}. "
+                  f"Building the CPU kernels only: CUDA tensors run the Triton kernels or the PyTorch reference "
+                  f"path (slower, more memory), not kernels/abn_cuda.cu; after the fix, run `abnexp kernels build "
+                  f"--cuda` in a fresh process", RuntimeWarning, stacklevel=3)
 
 
 def build(cuda: Optional[bool] = None, verbose: bool = False) -> BuildInfo:
     """Build (or reuse the cached build of) the native module and load it into this process.
 
     Args:
-        cuda: also compile kernels/abn_cuda.cu; default: when a GPU is visible and the CUDA
-            toolkit is found (else CPU only, and CUDA tensors use the reference path).
+        cuda: also compile kernels/abn_cuda.cu. Default: when a GPU is visible; then a toolkit
+            that cannot build (:func:`abnexp.norm.cuda_toolkit.problem`) or a failed CUDA compile
+            raises no error but a RuntimeWarning with the reason and the fix, and the CPU
+            kernels are built alone (CUDA tensors then use another backend).
         verbose: print the compiler commands and output.
 
     Returns:
@@ -201,16 +183,32 @@ def build(cuda: Optional[bool] = None, verbose: bool = False) -> BuildInfo:
             request for CUDA after the CPU-only module was loaded in this process.
     """
     global _BUILT
-    cuda = torch.cuda.is_available() and nvcc() is not None if cuda is None else bool(cuda)
+    auto = cuda is None
+    cuda = torch.cuda.is_available() if auto else bool(cuda)
     if _BUILT is not None:
-        if cuda and not _BUILT.cuda:
+        if cuda and not _BUILT.cuda and not auto:
             raise KernelBuildError("the CPU-only native module is already loaded in this process; "
                                    "build with CUDA in a fresh process (abnexp kernels build --cuda)")
         return _BUILT
+    if auto and cuda and (problem := cuda_toolkit.problem()) is not None:
+        _not_built_warning(problem)
+        cuda = False
+    try:
+        _BUILT = _load(cuda, verbose)
+    except KernelBuildError as err:
+        if not (auto and cuda):
+            raise
+        _not_built_warning(f"compiling them failed ({err})")
+        _BUILT = _load(False, verbose)
+    _register_fakes()
+    return _BUILT
+
+
+def _load(cuda: bool, verbose: bool) -> BuildInfo:
+    """:func:`build`'s compile-and-load step for one choice of ``cuda``."""
     missing = missing_tools(cuda)
     if missing:
-        raise KernelBuildError(f"cannot build the native kernels: missing {', '.join(missing)}; "
-                               f"{HOW_TO_GET}")
+        raise KernelBuildError(f"cannot build the native kernels: {'; '.join(missing)}; {HOW_TO_GET}")
     cpp_extension = cpp_extension_module()
     cflags = cpu_flags()
     archs = cuda_archs() if cuda else ()
@@ -226,10 +224,8 @@ def build(cuda: Optional[bool] = None, verbose: bool = False) -> BuildInfo:
         last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise KernelBuildError(f"building the native kernels ({name}) failed: {last}; run "
                                f"`abnexp kernels build --verbose` to see the compiler output") from err
-    _BUILT = BuildInfo(name, str(library), cuda, tuple(archs), tuple(cflags),
-                       time.perf_counter() - start)
-    _register_fakes()
-    return _BUILT
+    return BuildInfo(name, str(library), cuda, tuple(archs), tuple(cflags), time.perf_counter() - start,
+                     cuda_toolkit.describe() if cuda else "")
 
 
 def probe(device_type: str) -> Optional[str]:
