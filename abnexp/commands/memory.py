@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from abnexp.config import compose
+from abnexp.config import compose, validate
 from abnexp.report.memory_report import check_measure, format_plan, measured_max_batch, plan_for
 
 
@@ -20,10 +20,12 @@ def memory_command(argv: list[str]) -> dict:
     memory capped at the planned device's).
 
     Raises:
-        ConfigError: a composition error, an unknown device, a task the planner does not
-            support, or ``memory.measure=true`` without a (large enough) GPU.
+        ConfigError: a composition error, a value out of its range (abnexp.config.validate), an
+            unknown device, a task the planner does not support, or ``memory.measure=true``
+            without a (large enough) GPU.
     """
     cfg = compose(argv)
+    validate(cfg)
     if cfg.memory.measure:
         check_measure(cfg)
     result = plan_for(cfg)
