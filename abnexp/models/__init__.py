@@ -12,6 +12,7 @@ A classification checkpoint initializes a backbone with
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 from torch import nn
@@ -20,12 +21,26 @@ from abnexp.config import ModelConfig
 
 from abnexp.models.blocks import zero_init_residual
 from abnexp.models.heads import ClassificationHead
-from abnexp.models.resnet import ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from abnexp.models.resnet import STEMS, ResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from abnexp.models.resnext import ResNeXt, resnext50, resnext101, resnext152
 from abnexp.models.wideresnet import WideResNet38, wideresnet38
 
 if TYPE_CHECKING:
     from abnexp.norm.factory import NormAct
+
+StemName = Enum("StemName", {name: name for name in STEMS}, type=str)
+"""The ``model.stem`` values (the keys of :data:`abnexp.models.resnet.STEMS`), so that an unknown
+stem fails at composition listing the valid ones."""
+
+
+@dataclass
+class ResNetOptions(ModelConfig):
+    """ResNet's extra key: ``stem`` = the layers before ``layer1`` (:data:`abnexp.models.resnet.STEMS`:
+    ``imagenet`` = torchvision's 7x7 stride-2 conv + max-pool, ``small`` = one 3x3 stride-1 conv
+    for 28-32 px images, as CIFAR ResNets)."""
+
+    stem: StemName = StemName.imagenet
+
 
 @dataclass
 class ResNeXtOptions(ModelConfig):
@@ -48,11 +63,11 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec(resnet18),
-    "resnet34": ModelSpec(resnet34),
-    "resnet50": ModelSpec(resnet50),
-    "resnet101": ModelSpec(resnet101),
-    "resnet152": ModelSpec(resnet152),
+    "resnet18": ModelSpec(resnet18, ResNetOptions),
+    "resnet34": ModelSpec(resnet34, ResNetOptions),
+    "resnet50": ModelSpec(resnet50, ResNetOptions),
+    "resnet101": ModelSpec(resnet101, ResNetOptions),
+    "resnet152": ModelSpec(resnet152, ResNetOptions),
     "resnext50": ModelSpec(resnext50, ResNeXtOptions),
     "resnext101": ModelSpec(resnext101, ResNeXtOptions),
     "resnext152": ModelSpec(resnext152, ResNeXtOptions),
@@ -93,6 +108,6 @@ def model_options(model_cfg) -> dict:
         if model_cfg.name in MODELS else {"name": model_cfg.name}
 
 
-__all__ = ["MODELS", "ModelSpec", "ResNeXtOptions", "build_model", "model_options", "ClassificationHead", "ResNet", "ResNeXt", "WideResNet38",
+__all__ = ["MODELS", "ModelSpec", "ResNetOptions", "ResNeXtOptions", "StemName", "build_model", "model_options", "ClassificationHead", "ResNet", "ResNeXt", "WideResNet38",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50",
            "resnext101", "resnext152", "wideresnet38"]

@@ -15,6 +15,7 @@ convolution outputs, so in-place norms (InPlace-ABN) are safe here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -29,6 +30,32 @@ if TYPE_CHECKING:
 
 # output stride -> torchvision's replace_stride_with_dilation for layer2, layer3, layer4
 _DILATE = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}
+
+
+@dataclass(frozen=True)
+class Stem:
+    """The layers before ``layer1``: ``conv1`` (``kernel`` x ``kernel``, ``stride``, 64 channels) +
+    ``bn1``, then a 3x3 stride-2 max-pool if ``max_pool`` (else ``maxpool`` is an identity, so
+    module and parameter names stay torchvision's). ``reduction``: input pixels per ``layer1``
+    pixel."""
+
+    kernel: int
+    stride: int
+    max_pool: bool
+
+    @property
+    def reduction(self) -> int:
+        return self.stride * (2 if self.max_pool else 1)
+
+
+STEMS: dict[str, Stem] = {
+    "imagenet": Stem(7, 2, True),  # He et al. 2016, Table 1 (torchvision): 224 px -> 56 px at layer1
+    "small": Stem(3, 1, False),  # He et al. 2016, §4.2 (CIFAR-10, 32 px) and the usual CIFAR ResNet-18: no downsampling
+    "small_pool": Stem(3, 1, True),  # the 3x3 conv, then torchvision's max-pool: half the resolution, 1/4 of the compute
+}
+"""``model.stem`` -> its layers. ``small`` keeps 28-32 px images at full resolution in ``layer1``
+(4x4 maps after ``layer4`` at 28 px, where ``imagenet`` leaves 1x1); ``small_pool`` halves it
+(2x2 after ``layer4``)."""
 
 
 class BasicBlock(ResidualBlock):
@@ -94,7 +121,9 @@ class ResNet(nn.Module):
     """ResNet v1 backbone + classifier.
 
     Shapes: ``forward_features``: (N, 3, H, W) -> (N, out_channels, H/os, W/os) with
-    os = ``output_stride`` (ceil division at each stride); ``forward``: -> (N, num_classes).
+    os = ``output_stride`` x stem reduction / 4 (ceil division at each stride; os = ``output_stride``
+    with the default ``imagenet`` stem, ``output_stride`` / 4 with ``small``); ``forward``: ->
+    (N, num_classes).
 
     Feature stages (:meth:`feature_stages`): the outputs of ``layer1`` .. ``layer4``; the stem
     (:attr:`stem_modules`) is ``conv1`` + ``bn1`` (the max-pool has no parameters).
@@ -108,6 +137,7 @@ class ResNet(nn.Module):
             dilation exactly like torchvision's ``replace_stride_with_dilation``.
         input_3x3: not supported (ValueError if True).
         name: model name used in error messages.
+        stem: a key of :data:`STEMS` (ValueError otherwise, listing them).
     """
 
     stem_modules = ("conv1", "bn1")
@@ -115,18 +145,22 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int],
                  norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
-                 input_3x3: bool = False, name: str = "resnet") -> None:
+                 input_3x3: bool = False, name: str = "resnet", stem: str = "imagenet") -> None:
         super().__init__()
         reject_input_3x3(name, input_3x3)
         check_output_stride(output_stride)
         if len(layers) != 4:
             raise ValueError(f"layers must contain four values, got {list(layers)}")
+        if stem not in STEMS:
+            raise ValueError(f"model.stem={stem!r} is not a stem; valid: {', '.join(STEMS)}")
         self.output_stride = output_stride
+        self.stem = STEMS[stem]
         self.inplanes = 64
         self.dilation = 1
-        self.conv1 = norm_act.conv(3, 64, 7, stride=2, padding=3, bias=False)
+        k = self.stem.kernel
+        self.conv1 = norm_act.conv(3, 64, k, stride=self.stem.stride, padding=k // 2, bias=False)
         self.bn1 = norm_act(64, conv=self.conv1)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if self.stem.max_pool else nn.Identity()
         dilate = _DILATE[output_stride]
         self.layer1 = self._make_layer(block, 64, layers[0], 1, False, norm_act)
         self.layer2 = self._make_layer(block, 128, layers[1], 2, dilate[0], norm_act)
@@ -156,8 +190,10 @@ class ResNet(nn.Module):
     def feature_stages(self) -> tuple[FeatureStage, ...]:
         """C2..C5: ``layer1`` .. ``layer4`` outputs (post-activation blocks end in the activation),
         channels 64, 128, 256, 512 times the block expansion (1 basic, 4 bottleneck), strides 4, 8,
-        16, 32 pixels at output stride 32 (see :class:`~abnexp.models.stages.FeatureStage`)."""
-        return tuple(FeatureStage(f"layer{i}", self.out_channels >> (4 - i), stride, (f"layer{i}",))
+        16, 32 pixels at output stride 32 with the ``imagenet`` stem, 1, 2, 4, 8 with ``small``
+        (see :class:`~abnexp.models.stages.FeatureStage`)."""
+        scale = self.stem.reduction
+        return tuple(FeatureStage(f"layer{i}", self.out_channels >> (4 - i), stride * scale // 4, (f"layer{i}",))
                      for i, stride in enumerate(stage_strides(self.output_stride), start=1))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,35 +207,35 @@ class ResNet(nn.Module):
 
 
 def resnet18(norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
-             input_3x3: bool = False) -> ResNet:
+             input_3x3: bool = False, stem: str = "imagenet") -> ResNet:
     """ResNet-18: BasicBlock, [2, 2, 2, 2], out_channels 512."""
     return ResNet(BasicBlock, [2, 2, 2, 2], norm_act, num_classes, output_stride, input_3x3,
-                  "resnet18")
+                  "resnet18", stem)
 
 
 def resnet34(norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
-             input_3x3: bool = False) -> ResNet:
+             input_3x3: bool = False, stem: str = "imagenet") -> ResNet:
     """ResNet-34: BasicBlock, [3, 4, 6, 3], out_channels 512."""
     return ResNet(BasicBlock, [3, 4, 6, 3], norm_act, num_classes, output_stride, input_3x3,
-                  "resnet34")
+                  "resnet34", stem)
 
 
 def resnet50(norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
-             input_3x3: bool = False) -> ResNet:
+             input_3x3: bool = False, stem: str = "imagenet") -> ResNet:
     """ResNet-50: Bottleneck, [3, 4, 6, 3], out_channels 2048 (25,557,032 params at 1000)."""
     return ResNet(Bottleneck, [3, 4, 6, 3], norm_act, num_classes, output_stride, input_3x3,
-                  "resnet50")
+                  "resnet50", stem)
 
 
 def resnet101(norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
-              input_3x3: bool = False) -> ResNet:
+              input_3x3: bool = False, stem: str = "imagenet") -> ResNet:
     """ResNet-101: Bottleneck, [3, 4, 23, 3], out_channels 2048."""
     return ResNet(Bottleneck, [3, 4, 23, 3], norm_act, num_classes, output_stride, input_3x3,
-                  "resnet101")
+                  "resnet101", stem)
 
 
 def resnet152(norm_act: "NormAct", num_classes: int = 1000, output_stride: int = 32,
-              input_3x3: bool = False) -> ResNet:
+              input_3x3: bool = False, stem: str = "imagenet") -> ResNet:
     """ResNet-152: Bottleneck, [3, 8, 36, 3], out_channels 2048."""
     return ResNet(Bottleneck, [3, 8, 36, 3], norm_act, num_classes, output_stride, input_3x3,
-                  "resnet152")
+                  "resnet152", stem)

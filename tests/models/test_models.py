@@ -341,5 +341,6 @@ def test_registry_and_configs():
         text = path.read_text()
         assert text.startswith("#")
         extra = {"input_3x3": False} if name.startswith("resnext") else {}  # ResNeXt's own key
+        extra = {"stem": "imagenet"} if name in RESNETS else extra  # ResNet's own key
         assert yaml.safe_load(text) == {"defaults": [f"/schema/model/{name}@_here_", "_self_"], "name": name,
                                         "output_stride": 32, "pretrained": None, "zero_init_residual": False, **extra}
