@@ -11,40 +11,19 @@ kernels/abn_triton.py (see its docstring for layouts, modes and the ``PACK`` lay
 Triton runs CUDA and ROCm tensors (``torch.cuda``), and CPU tensors under its interpreter
 (``TRITON_INTERPRET=1``, set before the kernels are imported; slow, for tests).
 :func:`compile_ahead` compiles the kernels for NVIDIA / AMD targets without a GPU.
-
-Tiles (:data:`BLOCK` elements, :data:`WARPS` warps: 8 elements per thread, two 16-byte loads per
-float32 tensor): contiguous inputs use (samples x positions) tiles of one channel, channels-last
-inputs (rows x channels) tiles. Reductions give each program about :data:`TASK` elements (fewer
-for small inputs, so that about :data:`PROGRAMS` programs fill the GPU), at most
-:data:`MAX_PARTIALS` partials per channel, merged in float64 in a fixed order.
 """
 from __future__ import annotations
 
-import importlib
-import json
 import math
-import os
 import re
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from abnexp.norm.triton_launch import Geometry, elementwise, interpreting, kernels, reduce
+
 NAMESPACE = "abnexp_triton"
-BLOCK = 1024
-WARPS = 4
-TASK = 32768
-MIN_TASK = 4096
-PROGRAMS = 1024
-MAX_PARTIALS = 1024
-MAX_CB = 64
-GRID_X, GRID_YZ = 2**31 - 1, 65535
-ARCHS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
-"""Ahead-of-time targets: name -> triton GPUTarget(backend, arch, warp size)."""
 DTYPES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 SCHEMAS = {  # kernels/ops.cpp, TORCH_LIBRARY(abnexp, m)
@@ -80,16 +59,6 @@ SCHEMAS = {  # kernels/ops.cpp, TORCH_LIBRARY(abnexp, m)
 _REGISTERED = False
 
 
-def kernels():
-    """The kernel module (``abnexp.kernels.abn_triton``); imports triton."""
-    return importlib.import_module("abnexp.kernels.abn_triton")
-
-
-def interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET=1`` is set in this process's environment."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def probe(device_type: str) -> Optional[str]:
     """None when Triton can run tensors of ``device_type`` now (and the operators are then
     registered), else a one-line reason naming what is missing and what to install or set."""
@@ -111,20 +80,6 @@ def probe(device_type: str) -> Optional[str]:
 
 
 # ---- layouts, geometry, per-channel vectors (ops.cpp) ----------------------------------------
-@dataclass(frozen=True)
-class Geometry:
-    """A call's shape in its layout (kernels/abn.h): planes (N, C, S) or rows (R, C, 1)."""
-
-    outer: int
-    channels: int
-    inner: int
-    channels_last: bool
-
-    @property
-    def count(self) -> int:
-        return self.outer * self.inner
-
-
 def geometry(t: Tensor, channels_last: bool) -> Geometry:
     n, c, s = t.shape[0], t.shape[1], math.prod(t.shape[2:])
     if c == 1:
@@ -196,67 +151,6 @@ def pack(x: Tensor, param: float, **vectors: Tensor) -> Tensor:
     zero = x.new_zeros(x.shape[1], dtype=cdt)
     names = ("shift", "mul", "gamma", "beta", "a", "b", "k")
     return torch.cat([head] + [vectors.get(n, zero) for n in names])
-
-
-# ---- launches --------------------------------------------------------------------------------
-def _pow2(n: int, cap: int) -> int:
-    return min(1 << max(n - 1, 0).bit_length(), cap)
-
-
-def _launch(kernel, grid, *args, **meta) -> None:
-    from torch.library import wrap_triton
-    wrap_triton(kernel)[grid](*args, num_warps=WARPS, **meta)
-
-
-def reduce(src: Tensor, z: Optional[Tensor], dz: Optional[Tensor], g: Geometry, p: Tensor, mode: int,
-           act: int, out1: Tensor, out2: Tensor) -> None:
-    """Per-channel (mean, var) (STATS) or (sum dL/dy, sum dL/dy * t) into out1, out2."""
-    k, c = kernels(), g.channels
-    task = max(min(TASK, max(MIN_TASK, -(-g.count * c // PROGRAMS))), -(-g.count // MAX_PARTIALS))
-    z, dz = (src if z is None else z), (src if dz is None else dz)
-    if g.channels_last:
-        cb = _pow2(c, MAX_CB)
-        rows = BLOCK // cb
-        rspan = max(rows, task // cb // rows * rows)
-        parts = -(-g.outer // rspan)
-        part = src.new_empty((3, parts, c), dtype=torch.float64)
-        _launch(k.reduce_rows_kernel, (parts * -(-c // cb),), src, z, dz, p, part, g.outer, c, rspan,
-                MODE=mode, ACT=act, ROWS=rows, CB=cb)
-    else:
-        n, s = g.outer, g.inner
-        bs = _pow2(s, BLOCK)
-        grows = BLOCK // bs
-        if s > task:
-            gn, span = 1, -(-s // -(-s // task) // bs) * bs
-        else:
-            gn, span = max(grows, task // s // grows * grows), s
-        ns = -(-s // span)
-        parts = -(-n // gn) * ns
-        part = src.new_empty((3, parts, c), dtype=torch.float64)
-        _launch(k.reduce_planes_kernel, (c * parts,), src, z, dz, p, part, n, c, s, gn, span, ns,
-                MODE=mode, ACT=act, GROWS=grows, BLOCK_S=bs)
-    mcb = _pow2(c, MAX_CB)
-    _launch(k.merge_kernel, (-(-c // mcb),), part, out1, out2, parts, c, STATS_=mode == k.STATS.value,
-            PB=BLOCK // mcb, CB=mcb)
-
-
-def elementwise(src: Tensor, z: Optional[Tensor], dz: Optional[Tensor], out: Tensor, g: Geometry,
-                p: Tensor, mode: int, act: int) -> None:
-    """z (FORWARD) or dL/dx (backward forms) into ``out`` (may be src or dz themselves)."""
-    k, c = kernels(), g.channels
-    z, dz = (src if z is None else z), (src if dz is None else dz)
-    if g.channels_last:
-        cb = _pow2(c, MAX_CB)
-        rows = BLOCK // cb
-        grid = (min(-(-g.outer // rows), GRID_X), min(-(-c // cb), GRID_YZ))
-        _launch(k.elementwise_rows_kernel, grid, src, z, dz, out, p, g.outer, c, MODE=mode, ACT=act,
-                ROWS=rows, CB=cb)
-    else:
-        bs = _pow2(g.inner, BLOCK)
-        grows = BLOCK // bs
-        grid = (min(-(-g.outer // grows) * c, GRID_X), min(-(-g.inner // bs), GRID_YZ))
-        _launch(k.elementwise_planes_kernel, grid, src, z, dz, out, p, g.outer, c, g.inner, MODE=mode,
-                ACT=act, GROWS=grows, BLOCK_S=bs)
 
 
 # ---- the operators (ops.cpp) ------------------------------------------------------------------
@@ -479,6 +373,13 @@ def register() -> None:
         mutates = re.findall(r"Tensor\(a!\) (\w+)", schema)
         triton_op(f"{NAMESPACE}::{name}", globals()[name], mutates_args=mutates, schema=schema)
     _REGISTERED = True
+
+
+def compile_ahead(archs: list[str], full: bool = False) -> list[dict]:
+    """Compile the kernels for ``archs`` ("sm_80", "sm_90", "gfx942") without a GPU; one row per
+    kernel specialization and arch (see :func:`abnexp.norm.triton_launch.compile_ahead`)."""
+    from abnexp.norm import triton_launch
+    return triton_launch.compile_ahead(archs, full)
 
 
 def ops():
