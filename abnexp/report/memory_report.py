@@ -37,8 +37,12 @@ def _semseg_batch(cfg, batch: int, crop: int):
 
 def _detection_batch(cfg, batch: int, side: int):
     d = cfg.data
-    return detection_inputs(batch, side, round(side * d.max_size / d.min_size), cfg.memory.gt_instances,
+    return detection_inputs(batch, side, _detection_width(cfg, side), cfg.memory.gt_instances,
                             HEADS[cfg.head.name].masks, d.num_classes)
+
+
+def _detection_width(cfg, side: int) -> int:
+    return round(side * cfg.data.max_size / cfg.data.min_size)
 
 
 def _detection_upper_bound(model, batch) -> torch.Tensor:
@@ -50,19 +54,21 @@ class PlannedTask:
     """How ``abnexp memory`` simulates one task: ``inputs(cfg, batch, side)`` → a training batch
     as the task's loss takes it; ``side(cfg)`` → the image side planned when ``memory.crop`` is 0;
     ``simulated_loss(model, batch)`` → the loss on fake tensors (None: the task's own loss);
-    ``crop_search``: whether the largest square crop is searched (square crops are the task's input)."""
+    ``crop_search``: whether the largest square crop is searched (square crops are the task's input);
+    ``width(cfg, side)``: the image's other side (None: square)."""
 
     inputs: Callable
     side: Callable
     simulated_loss: Optional[Callable] = None
     crop_search: bool = True
+    width: Optional[Callable] = None
 
 
 PLANNED_TASKS = {
     "cls": PlannedTask(_cls_batch, lambda cfg: cfg.data.crop_size),
     "semseg": PlannedTask(_semseg_batch, lambda cfg: cfg.data.crop_size),
     "detection": PlannedTask(_detection_batch, lambda cfg: cfg.data.min_size, _detection_upper_bound,
-                             crop_search=False),
+                             crop_search=False, width=_detection_width),
 }
 """task name -> its entry. cls: float32 images (N, 3, S, S), int64 class ids (N,); semseg: the same
 with class ids per pixel (N, S, S); detection: N images (3, S, S·max_size/min_size) with
@@ -112,6 +118,23 @@ def step_spec(cfg, device: torch.device = torch.device("cpu"), simulated: bool =
                     amp=amp, grad_clip=cfg.trainer.grad_clip)
 
 
+PRECISIONS = ("none", "bf16")
+"""``amp=`` settings whose activations per crop ``abnexp memory`` prints (fp16 keeps what bf16 keeps:
+the same autocast op lists, 2 bytes a value; it adds only the GradScaler's scalars)."""
+
+
+def _with_amp(cfg, amp: str):
+    other = cfg.copy()
+    other.amp = amp
+    return other
+
+
+def _activations_per_crop(sim: Simulator, crop: int, multiple: int) -> Optional[int]:
+    """Growth of the bytes kept for backward per crop (batches 2 → 4 × ``multiple``); None if rejected."""
+    low, high = sim.try_step(2 * multiple, crop), sim.try_step(4 * multiple, crop)
+    return None if low is None or high is None else (high.activations_bytes - low.activations_bytes) // (2 * multiple)
+
+
 def plan_for(cfg, search: bool = True) -> dict:
     """The simulated step at (``memory.batch`` or data.batch_size, ``memory.crop`` or
     data.crop_size) with its breakdown (bytes), and — with ``search`` — ``max_batch`` at the crop
@@ -121,7 +144,8 @@ def plan_for(cfg, search: bool = True) -> dict:
         dict: model, norm, task, device, capacity_bytes, batch, crop, the
         :class:`~abnexp.memory.StepMemory` figures, ``peak_bytes`` (the allocator model's reserved
         peak), ``fits``, ``max_batch``, ``max_crop``, ``per_crop_bytes`` (the allocated peak's
-        growth per crop, from batches 2 and 4), ``seconds``.
+        growth per crop, from batches 2 and 4), ``activations_per_crop`` ({amp: bytes kept for
+        backward per crop} for :data:`PRECISIONS`), ``image`` (the planned image size), ``seconds``.
 
     Raises:
         ConfigError: an unknown device, an unsupported task / precision, or a batch the model
@@ -142,9 +166,11 @@ def plan_for(cfg, search: bool = True) -> dict:
             except (ValueError, RuntimeError) as e:
                 raise ConfigError(f"the step at batch {batch}, crop {crop} fails: {str(e).splitlines()[0]}; "
                                   f"set memory.batch / memory.crop") from None
-        result = {"model": cfg.model.name, "norm": cfg.norm.name, "task": cfg.task.name, "device": device,
+        result = {"model": cfg.model.name, "norm": cfg.norm.name, "task": cfg.task.name, "amp": choice(cfg.amp),
+                  "gt_instances": cfg.memory.gt_instances, "device": device,
                   "capacity_bytes": capacity, **step.summary(), "peak_bytes": step.reserved_peak_bytes,
                   "fits": step.fits(capacity)}
+        result["image"] = f"{crop}×{planned.width(cfg, crop)}" if planned.width else f"{crop}²"
         if search:
             multiple = max(cfg.norm.get("group_size", 0) or 1, 1)
             result["max_batch"] = max_batch(sim, crop, capacity, multiple)
@@ -152,6 +178,9 @@ def plan_for(cfg, search: bool = True) -> dict:
             low, high = sim.try_step(2 * multiple, crop), sim.try_step(4 * multiple, crop)
             if low is not None and high is not None:  # the allocated peak's growth per crop
                 result["per_crop_bytes"] = (high.allocated_peak_bytes - low.allocated_peak_bytes) // (2 * multiple)
+            result["activations_per_crop"] = {
+                p: _activations_per_crop(sim if AMP_DTYPES[p] == spec.amp else Simulator(step_spec(_with_amp(cfg, p))),
+                                         crop, multiple) for p in PRECISIONS}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -205,7 +234,7 @@ def _gib(n: int) -> str:
 
 def format_plan(r: dict) -> str:
     """The plan as printed by ``abnexp memory``."""
-    lines = [f"{r['task']} {r['model']} norm={r['norm']}: one training step at batch {r['batch']}, {r['crop']}² "
+    lines = [f"{r['task']} {r['model']} norm={r['norm']}: one training step at batch {r['batch']}, {r['image']} "
              f"(simulated on fake tensors in {r['seconds']:g} s)",
              f"  parameters + buffers {_gib(r['parameters_bytes'])}, gradients {_gib(r['gradients_bytes'])}, "
              f"optimizer state {_gib(r['optimizer_bytes'])}, inputs {_gib(r['inputs_bytes'])}",
@@ -219,9 +248,16 @@ def format_plan(r: dict) -> str:
              + ", ".join(f"{n} {b / MIB:.0f} MiB" for n, b in r["top_modules"][:5]),
              f"  {r['device']}: {_gib(r['capacity_bytes'])} for tensors, this step "
              f"{'fits' if r['fits'] else 'does NOT fit'}"]
+    if r["task"] == "detection":
+        lines.append("  detection: an upper bound (RPN proposals, sampled RoIs and mask RoIs at their configured "
+                     f"caps, {r['gt_instances']} objects per image)")
     if "max_batch" in r:
-        lines += [f"  largest batch at {r['crop']}²: {r['max_batch']}",
-                  f"  largest square crop at batch {r['batch']}: {r['max_crop']}²"]
+        lines.append(f"  largest batch at {r['image']}: {r['max_batch']}")
+        if r["max_crop"] is not None:
+            lines.append(f"  largest square crop at batch {r['batch']}: {r['max_crop']}²")
+        lines.append("  activations kept per crop: " + ", ".join(
+            f"{'float32' if p == 'none' else p + '/fp16'} {f'{b / MIB:.1f} MiB' if b is not None else '—'}"
+            for p, b in r["activations_per_crop"].items()))
     return "\n".join(lines)
 
 
@@ -233,10 +269,14 @@ DATASET_OPTIONS = {"Cityscapes": "cityscapes", "COCO-Stuff": "coco_stuff"}
 
 FIGURE_NORMS = ("bn", "checkpoint", "checkpoint_proposed", "inplace_abn", "inplace_abn_ii")
 FIGURE_BATCHES = (2, 4, 6, 8)
-OVERHEAD_NORMS = {"bn": [], "cbn": ["norm.burnin_iters=0"], "mabn": ["norm.warmup_iters=0"]}
+OVERHEAD_NORMS = {"bn": [], "cbn": ["norm.burnin_iters=0"], "mabn": ["norm.warmup_iters=0"], "gn": []}
 """norm -> overrides putting it past its burn-in / warm-up from the first step (MABN's r warm-up,
 not a config key, only scales per channel)."""
-CBN_TABLE8_GB = {"bn": 14.1, "cbn": 15.1}  # CBN paper Table 8: R50 Mask R-CNN on COCO, 4 images per GPU
+TABLE8 = ["task=detection", "head=mask_rcnn_fpn", "model=resnet50", "data=coco", "data.batch_size=4",
+          "head.norm_placement=everywhere"]
+"""CBN paper Table 8's step: R50 Mask R-CNN FPN on COCO (800 x 1333), 4 images per GPU, the norm in
+backbone, FPN and heads (the CBN paper's Table 5 setting)."""
+CBN_TABLE8_GB = {"bn": 14.1, "cbn": 15.1, "gn": 14.1}  # CBN paper Table 8: R50 Mask R-CNN on COCO, 4 images per GPU
 
 
 def _table3_rows(extra: list[str]) -> tuple[list[str], list[bool]]:
@@ -302,12 +342,11 @@ def peak_figure(png: Path, extra: list[str] = ()) -> list[str]:
 
 
 def overhead_rows(extra: list[str] = ()) -> list[str]:
-    """CBN's and MABN's simulated peak over BN's (ResNet-50, 4 crops of 800²: the detectors'
-    shorter side), beside CBN Table 8's 14.1 vs 15.1 GB."""
+    """CBN's, MABN's and GN's simulated peak over BN's in CBN Table 8's step (:data:`TABLE8`,
+    the detection upper bound), beside the paper's 14.1 (BN, GN) vs 15.1 GB (CBN)."""
     rows, base = [], None
     for norm, overrides in OVERHEAD_NORMS.items():
-        r = plan_for(compose(["model=resnet50", f"norm={norm}", "data.crop_size=800", "data.batch_size=4",
-                              *overrides, *extra]), search=False)
+        r = plan_for(compose([*TABLE8, f"norm={norm}", *overrides, *extra]), search=False)
         base = base or r["peak_bytes"]
         paper = CBN_TABLE8_GB.get(norm)
         rows.append(f"| {norm} | {r['peak_bytes'] / GIB:.2f} | {100 * (r['peak_bytes'] / base - 1):+.1f} % | "
@@ -356,10 +395,10 @@ def memory_table(out: Path, extra: list[str] = ()) -> Path:
              "BatchNorm keeps (as `results/memory_resnext101.md` measured with saved-tensor hooks); the in-place "
              "strategies share that buffer with the convolution.", "",
              "## CBN's and MABN's memory over BN", "",
-             "CBN paper Table 8: R50 Mask R-CNN on COCO, 4 images per GPU, 14.1 GB (BN) vs 15.1 GB (CBN), +7 %. "
-             "The planner does not simulate detection (its proposal sampling depends on data); as a proxy, "
-             "ResNet-50 classification at 4 crops of 800² (the detectors' shorter side), CBN past burn-in "
-             "(`norm.burnin_iters=0`), MABN past warm-up:", "",
+             "CBN paper Table 8: R50 Mask R-CNN on COCO, 4 images per GPU, 14.1 GB (BN, GN) vs 15.1 GB (CBN), "
+             "+7 %. The planner's detection step (`abnexp memory " + " ".join(TABLE8) + "`) is an upper bound: "
+             "2000 RPN proposals, 512 sampled RoIs and 128 mask RoIs per image (the configured caps), 800 × 1333 "
+             "images, 8 objects per image; CBN past burn-in (`norm.burnin_iters=0`), MABN past warm-up:", "",
              "| norm | peak reserved GiB | over BN | parameters + buffers MiB | paper (Table 8) |",
              "|---|---|---|---|---|", *overhead_rows(list(extra))]
     out.parent.mkdir(parents=True, exist_ok=True)
