@@ -17,6 +17,7 @@ list, so ``norm=gn norm.window=4`` fails at composition (GroupNorm has no window
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -24,7 +25,7 @@ from importlib import resources
 from typing import Optional, Sequence, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import II, DictConfig, OmegaConf
 
 from abnexp.errors import ConfigError
 
@@ -115,7 +116,7 @@ class DataConfig:
     epochs: int = 90  # this dataset's standard training length; trainer.epochs defaults to it
     num_classes: int = 10
     batch_size: int = 32  # per process
-    num_workers: int = 2
+    num_workers: int = II("abnexp.workers:${launcher.nproc_per_node}")  # loader processes; default: default_workers()
 
 
 @dataclass
@@ -216,6 +217,36 @@ GROUPS_BY_NAME = ("task", "model", "norm", "data", "optim", "sched", "head")
 
 RENAMES_FILE = "experiment_renames.yaml"
 """configs/experiment_renames.yaml: old recipe name -> its name in a recipe family folder."""
+
+
+def group_options(group: str) -> str:
+    """The options of config group ``group`` as a user picks them (``group=<option>``), comma-separated:
+    its YAML files in configs/<group>, nested folders as ``folder/*`` (the recipe families), files
+    starting with ``_`` (shared bases) left out. ``abnexp train --help`` lists them (configs/hydra/help)."""
+    folder = resources.files("abnexp.configs") / group
+    names = sorted(f"{e.name}/*" if e.is_dir() else e.name.removesuffix(".yaml") for e in folder.iterdir()
+                   if not e.name.startswith(("_", ".")) and (e.is_dir() or e.name.endswith(".yaml")))
+    return ", ".join(names)
+
+
+MAX_DEFAULT_WORKERS = 8
+"""The most loader processes per training process that ``data.num_workers`` defaults to."""
+
+
+def default_workers(processes_per_node: int) -> int:
+    """``data.num_workers``' default: the CPUs this process may run on (its affinity mask: a SLURM
+    task's or container's share, as PyTorch's DataLoader counts them) divided among the training
+    processes of this node (``launcher.nproc_per_node``, or torchrun's ``LOCAL_WORLD_SIZE``), at
+    most :data:`MAX_DEFAULT_WORKERS`; e.g. 2 on a 2-core machine, 8 per GPU on a 64-core node of 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(int(processes_per_node), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+    return min(MAX_DEFAULT_WORKERS, cpus // local)
+
+
+RESOLVERS = {"abnexp.options": group_options, "abnexp.workers": default_workers}
+"""``${name:args}`` of the config tree -> its function; registered when this module is imported."""
+for _name, _resolver in RESOLVERS.items():
+    OmegaConf.register_new_resolver(_name, _resolver, replace=True)
 
 
 def register_configs() -> None:
@@ -365,10 +396,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value != "__absent__" and not ok(value):
             raise ConfigError(f"{key}={value}: valid values are {valid}")
-    epochs, d, n = cfg.trainer.epochs, cfg.data, cfg.norm
-    if cfg.sched.warmup_epochs >= epochs:
-        raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs}: the warm-up must be shorter than "
-                          f"training (trainer.epochs={epochs})")
+    d, n = cfg.data, cfg.norm
     milestones = list(cfg.sched.milestones)
     if choice(cfg.sched.name) == "step" and (milestones != sorted(set(milestones)) or min(milestones, default=1) <= 0):
         raise ConfigError(f"sched.milestones={milestones}: expected increasing epochs > 0 (e.g. [30,60])")

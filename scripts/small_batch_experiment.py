@@ -147,7 +147,8 @@ def main(argv=None) -> None:
     common = ["model=resnet18", "model.zero_init_residual=true", f"data.batch_size={args.batch_size}",
               "data.crop_size=64", "data.large_crop_size=64", "data.resize_ratio=1.0",
               f"trainer.epochs={args.epochs}", f"trainer.eval_every={args.epochs}",
-              f"trainer.max_steps={args.max_steps}", "sched=cosine",
+              f"trainer.max_steps={args.max_steps}", "sched=cosine", "sched.warmup_epochs=0",
+              "optim.scale_lr=false",  # the lr values are per run, not per 256 images as in the demo's recipe
               "data.num_workers=0", "device=cpu", "trainer.log_every=1000"]
     study = {"command": shlex.join(["python", "scripts/small_batch_experiment.py",
                                     *(argv if argv is not None else sys.argv[1:])]),

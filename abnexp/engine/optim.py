@@ -45,6 +45,23 @@ def build_optimizer(model: nn.Module, optim_cfg, global_batch_size: int) -> torc
                            fused=fused or None)
 
 
+def schedule_warnings(sched_cfg, total_epochs: float) -> list[str]:
+    """What the schedule ``sched_cfg`` cannot do in ``total_epochs`` (trainer.epochs), one line per
+    problem with the key and the fix: a step schedule whose milestones all lie at or past the end
+    (the lr never decays), a warm-up not shorter than training (the lr never reaches optim.lr).
+    Warnings, not errors: a run continued later with more epochs may mean it."""
+    c, out = sched_cfg, []
+    milestones = list(c.milestones)
+    if choice(c.name) == "step" and milestones and min(milestones) >= total_epochs:
+        out.append(f"sched.milestones=[{','.join(map(str, milestones))}] all lie at or after the end of training (trainer.epochs="
+                   f"{total_epochs:g}): the learning rate never decays; give milestones below {total_epochs:g} "
+                   f"(e.g. sched.milestones=[{math.ceil(total_epochs * 2 / 3)}]) or use sched=cosine")
+    if c.warmup_epochs >= total_epochs:
+        out.append(f"sched.warmup_epochs={c.warmup_epochs:g} is not shorter than training (trainer.epochs="
+                   f"{total_epochs:g}): the learning rate never reaches optim.lr; lower sched.warmup_epochs")
+    return out
+
+
 class EpochLR:
     """Sets every param group's lr to ``base_lr × factor(t)``, t = epochs elapsed (float).
 

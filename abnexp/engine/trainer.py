@@ -29,7 +29,7 @@ from abnexp.engine.checkpoint import (EXIT_PREEMPTED, Checkpoints, PreemptionSig
                                       find_resume, rng_state, set_rng_state)
 from abnexp.distributed import all_reduce_sum, init_distributed, sync_group
 from abnexp.engine.logging import RunLogger, peak_memory_bytes, run_hparams
-from abnexp.engine.optim import EpochLR, build_optimizer
+from abnexp.engine.optim import EpochLR, build_optimizer, schedule_warnings
 from abnexp.engine.runtime import make_eval_loader, run_context, unwrap
 from abnexp.errors import AbnexpError, ConfigError
 from abnexp.norm import backends
@@ -95,6 +95,8 @@ def train(cfg, run_dir: str | Path) -> dict:
     optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size)
     scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
     autocast_dtype = ctx.amp_dtype
+    for warning in schedule_warnings(cfg.sched, cfg.trainer.epochs) if env.is_main else ():
+        log.warning(warning)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     epoch, step, metrics, best = 0, 0, {}, None

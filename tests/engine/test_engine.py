@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from abnexp.engine.checkpoint import load_checkpoint, save_checkpoint
-from abnexp.engine.optim import EpochLR, build_optimizer, param_groups
+from abnexp.engine.optim import EpochLR, build_optimizer, param_groups, schedule_warnings
 from abnexp.errors import ConfigError
 
 
@@ -41,6 +41,31 @@ def test_linear_poly_cosine_and_warmup():
     assert lr_after(sched("step", warmup_epochs=5), 2.5) == pytest.approx(0.1 * 0.55)
     with pytest.raises(ConfigError):
         lr_after(sched("exp"), 1)
+
+
+@pytest.mark.parametrize("cfg, epochs, keys", [
+    (sched("step"), 12, ["sched.milestones=[30,60]"]),  # ImageNet's milestones on a 12-epoch run
+    (sched("step"), 30, ["sched.milestones=[30,60]"]),  # the first decay would come after the last step
+    (sched("step"), 31, []),  # decays once, at 30
+    (sched("step", milestones=[]), 12, []),  # a constant lr, as written
+    (sched("cosine"), 12, []),  # cosine ignores milestones
+    (sched("cosine", warmup_epochs=12), 12, ["sched.warmup_epochs=12"]),
+    (sched("step", warmup_epochs=40), 20, ["sched.milestones=[30,60]", "sched.warmup_epochs=40"]),
+    (sched("cosine", warmup_epochs=0.5), 1, []),
+])
+def test_schedule_warnings_name_the_key_and_a_fix(cfg, epochs, keys):
+    warnings = schedule_warnings(cfg, epochs)
+    assert [w.split(" ", 1)[0] for w in warnings] == keys
+    assert all(f"trainer.epochs={epochs}" in w and ("sched=cosine" in w or "lower sched.warmup_epochs" in w)
+               for w in warnings)
+    # what the warnings say is what the schedule does: the lr never decays / never reaches optim.lr
+    lrs = [lr_after(cfg, t * epochs / 50, total=epochs) for t in range(50)]
+    if keys == ["sched.milestones=[30,60]"]:
+        assert lrs == pytest.approx([0.1] * 50)
+    elif not keys and cfg.name == "step" and cfg.milestones:
+        assert lrs[-1] == pytest.approx(0.01)
+    if any(k.startswith("sched.warmup_epochs") for k in keys):
+        assert max(lrs) < 0.1
 
 
 def test_scheduler_state_restores_progress_not_base_lr():
