@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from abnexp.progress import announced
+
 SOURCES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
            "hubble_deep_field", "rocket")
 IMAGE_SIZE = 64  # pixels
@@ -64,13 +66,15 @@ def _write(root: Path) -> None:
 def generate_once(root: Path, marker: str, write: Callable[[Path], None]) -> Path:
     """Creates a generated dataset folder atomically: ``write`` fills a temporary sibling folder
     that is then renamed to ``root``; nothing happens when ``root / marker`` already exists.
-    Concurrent processes (ranks) each write their own temporary folder; the first rename wins."""
+    Concurrent processes (ranks) each write their own temporary folder; the first rename wins.
+    Making it is logged (what, where, and then how long it took); finding it, not."""
     if (root / marker).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
+        with announced(f"making the demo data set {root.name} once, a few seconds (in {root})", "demo data made"):
+            write(tmp)
         os.rename(tmp, root)
     except OSError:
         if not (root / marker).exists():  # another process finished first: keep theirs

@@ -56,6 +56,7 @@ from torch.autograd.function import once_differentiable
 from abnexp.errors import AbnexpError
 from abnexp.norm import cuda_toolkit
 from abnexp.norm.cuda_toolkit import cuda_archs, cuda_home, gencode_flags, nvcc  # noqa: F401 (this module's API)
+from abnexp.progress import announced
 
 HOW_TO_GET = ("install a C++20 compiler (g++ >= 10 or clang++) and ninja (pip install ninja), "
               "then run `abnexp kernels build` (and `abnexp kernels check`); set ABNEXP_KERNELS=torch "
@@ -235,7 +236,9 @@ def probe(device_type: str) -> Optional[str]:
     global _FAILED
     if _BUILT is None and _FAILED is None:
         try:
-            build()
+            with announced("building the native kernels for this machine, once, about a minute (with CUDA: "
+                           "several); later starts load the cached build", "native kernels built", after=3.0):
+                build()
         except KernelBuildError as err:
             _FAILED = str(err)
     if _FAILED is not None:
