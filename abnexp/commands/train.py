@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from abnexp.commands.launch import configure_logging, launch, run_ranks, run_training, share_job
 from abnexp.config import compose, register_configs, validate
+from abnexp.data import dataset_root
 from abnexp.distributed import DistEnv, destroy_distributed, dist_env
 from abnexp.errors import AbnexpError, exit_with
 
@@ -63,11 +64,14 @@ FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--
 
 
 def check_before_start(argv: list[str]) -> None:
-    """Composes and validates a single run's overrides before Hydra creates its run dir, so a refused
-    config leaves no run dir; a sweep (-m) is validated job by job in :func:`_train_main`.
+    """Composes and validates a single run's overrides, and checks its dataset root (unless only
+    printing the config: ``--cfg`` / ``--info``), before Hydra creates its run dir, so a refused
+    config or a missing / truncated dataset leaves no run dir; a sweep (-m) is validated job by job
+    in :func:`_train_main`.
 
     Raises:
         ConfigError: a composition error or a value out of its range (abnexp.config.validate).
+        DatasetError: the dataset's root check (abnexp.data.dataset_root) failed.
     """
     if {"-m", "--multirun", "--help", "-h", "--hydra-help"} & set(argv):
         return
@@ -78,7 +82,10 @@ def check_before_start(argv: list[str]) -> None:
             continue
         if not arg.split("=", 1)[0].lstrip("+~").startswith("hydra"):
             overrides.append(arg)
-    validate(compose(overrides))
+    cfg = compose(overrides)
+    validate(cfg)
+    if not {"--cfg", "-c", "--info"} & set(argv):
+        dataset_root(cfg.data.name, cfg.data.root)
 
 
 def train_command(argv: list[str]) -> None:

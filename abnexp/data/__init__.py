@@ -14,6 +14,7 @@ from torch.utils.data import Subset
 
 from abnexp.config import DataConfig
 
+from abnexp.data import fashion_mnist
 from abnexp.data.demo import ensure_demo
 from abnexp.data.coco import check_coco_root
 from abnexp.data.demo_coco import ensure_demo_coco
@@ -64,6 +65,19 @@ class ClassificationData(DataConfig):
 
 
 @dataclass
+class FashionMNISTData(DataConfig):
+    """Fashion-MNIST's four IDX files (abnexp.data.fashion_mnist): 28x28 gray images repeated to 3
+    channels and normalized; training crops of the image zero-padded by ``padding`` pixels, flip."""
+
+    mean: list[float] = field(default_factory=lambda: [0.2860] * 3)  # the training images' pixel mean
+    std: list[float] = field(default_factory=lambda: [0.3530] * 3)
+    padding: int = 4  # pixels of zero padding before the random 28x28 training crop; 0 = no crop
+    flip: bool = True  # random horizontal flip in training
+    holdout: float = 0.0  # > 0: validate on this fraction of each class of the train split, train on the rest
+    train_subset: int = 0  # > 0: train on the first this many images of each class (of those not held out)
+
+
+@dataclass
 class SegmentationData(DataConfig):
     """Semantic segmentation (InPlace-ABN §4.2, Tables 3-4): random scale, ``crop_size``² crops
     (pixels) padded with the ignore label, flip; ``class_uniform`` as Table 4."""
@@ -88,17 +102,33 @@ class DetectionData(DataConfig):
 
 
 @dataclass(frozen=True)
+class ClassificationReader:
+    """Classification data stored otherwise than as ImageFolder splits: ``sets(data_cfg, root)`` ->
+    (train, val) datasets; ``eval_sets(data_cfg, root)`` -> {protocol name: (crop pixels, ten_crop,
+    dataset)} for ``abnexp eval``; ``report(root)`` -> ``abnexp data check``'s counts per class."""
+
+    sets: Callable
+    eval_sets: Callable
+    report: Callable[[Path], str]
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     """One ``data=`` option: ``root(data.root)`` -> the checked (or generated) root folder
-    (raises DatasetError naming the path and the expected layout); ``options``: its schema."""
+    (raises DatasetError naming the path and the expected layout); ``options``: its schema;
+    ``reader``: how a classification dataset not stored as ImageFolder splits is read (None:
+    ImageFolder, or not a classification dataset)."""
 
     root: Callable[[str | None], Path]
     options: type
+    reader: ClassificationReader | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "demo": DatasetSpec(_demo_root, ClassificationData),
     "imagenet": DatasetSpec(_imagenet_root, ClassificationData),
+    "fashion_mnist": DatasetSpec(fashion_mnist.check_root, FashionMNISTData, ClassificationReader(
+        fashion_mnist.sets, fashion_mnist.eval_sets, fashion_mnist.report)),
     "cityscapes": DatasetSpec(partial(check_seg_root, "cityscapes"), SegmentationData),
     "coco_stuff": DatasetSpec(partial(check_seg_root, "coco_stuff"), SegmentationData),
     "vistas": DatasetSpec(partial(check_seg_root, "vistas"), SegmentationData),
@@ -121,7 +151,8 @@ def dataset_root(name: str, root: str | None) -> Path:
 
 
 def classification_sets(data_cfg) -> tuple:
-    """(train, val) ImageFolder datasets of ``data_cfg`` with the recipe's transforms.
+    """(train, val) datasets of ``data_cfg``: its reader's (:class:`ClassificationReader`), else
+    ImageFolder datasets with the recipe's transforms.
 
     Samples are (float32 tensor (3, crop, crop), int label). ``data_cfg.holdout`` = f > 0 holds out
     the last ceil(f * n_c) images (in file-name order) of each class c of the *train* split as the
@@ -129,6 +160,9 @@ def classification_sets(data_cfg) -> tuple:
     without touching the val split; 0 = the val split.
     """
     root = dataset_root(data_cfg.name, data_cfg.root)
+    reader = DATASETS[data_cfg.name].reader
+    if reader is not None:
+        return reader.sets(data_cfg, root)
     train = image_folder(root, "train", train_transform(
         data_cfg.crop_size, data_cfg.mean, data_cfg.std, data_cfg.color_jitter, data_cfg.lighting,
         data_cfg.min_scale), data_cfg.num_classes)
@@ -157,5 +191,5 @@ def holdout_indices(targets: list[int], fraction: float) -> set[int]:
     return held
 
 
-__all__ = ["DATASETS", "DatasetSpec", "ClassificationData", "SegmentationData", "DetectionData", "AbnexpError", "ConfigError", "DatasetError", "dataset_root",
+__all__ = ["DATASETS", "DatasetSpec", "ClassificationReader", "ClassificationData", "FashionMNISTData", "SegmentationData", "DetectionData", "AbnexpError", "ConfigError", "DatasetError", "dataset_root",
            "classification_sets", "holdout_indices", "eval_transform", "train_transform", "image_folder"]

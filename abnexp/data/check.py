@@ -6,7 +6,8 @@ images and label files paired both ways (no image without a label, no label with
 every label file readable, single-channel, of its image's size, and holding only the raw values
 its kind allows (the message says what wrong values usually mean: train ids given where labelIds
 are expected and vice versa, converted COCO-Stuff ids, Vistas v2.0 labels); per-class pixel
-counts after mapping to train ids. Other datasets: their layout check. Problems → exit status 1.
+counts after mapping to train ids. Datasets with a reader (Fashion-MNIST): images per split and
+class, after the reader's file checks. Other datasets: their layout check. Problems → exit status 1.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from abnexp.data import dataset_root
+from abnexp.data import DATASETS, dataset_root
 from abnexp.data.segmentation import IGNORE_INDEX, SEGMENTATION, SegSpec, read_label
 from abnexp.errors import DatasetError
 
@@ -90,6 +91,8 @@ def check_dataset(name: str, root, max_images: int = 0) -> tuple[bool, str]:
         ConfigError / DatasetError: unknown dataset, or a root that is missing / not a folder.
     """
     root = dataset_root(name, root)
+    if DATASETS[name].reader is not None:
+        return True, DATASETS[name].reader.report(root)
     if name not in SEGMENTATION:
         return True, f"data={name} at {root}: layout check passed (label checks exist for segmentation datasets)"
     spec = SEGMENTATION[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.utils.data import DataLoader
 
-from abnexp.data import classification_sets, dataset_root, eval_transform, image_folder
+from abnexp.data import DATASETS, classification_sets, dataset_root, eval_transform, image_folder
 from abnexp.errors import ConfigError
 from abnexp.eval.classification import evaluate, protocols
 from abnexp.models import build_model, model_options
@@ -44,16 +44,26 @@ class ClassificationTask(Task):
         return evaluate(model, val_loader, ctx.device, ctx.amp_dtype, ctx.channels_last)
 
     def evaluate_protocols(self, model, ctx: RunContext, make_loader) -> dict:
-        """The paper's three protocols → {protocol name: {"top1", "top5", "num_samples", "crop", "ten_crop"}}."""
+        """The paper's three protocols on the val split (a dataset's reader may define its own, e.g.
+        Fashion-MNIST's test set at 28 px, center only) → {protocol name: {"top1", "top5",
+        "num_samples", "crop", "ten_crop"}}."""
+        results = {}
+        for name, (crop, ten_crop, dataset) in self._eval_sets().items():
+            loader: DataLoader = make_loader(dataset, ten_crop)
+            results[name] = {**evaluate(model, loader, ctx.device, ctx.amp_dtype, ctx.channels_last),
+                             "crop": crop, "ten_crop": ten_crop}
+        return results
+
+    def _eval_sets(self) -> dict:
+        """{protocol name: (crop pixels, ten_crop, evaluation dataset)}."""
         d = self.cfg.data
         root = dataset_root(d.name, d.root)
-        results = {}
-        for p in protocols(d.crop_size, d.large_crop_size):
-            tf = eval_transform(p.crop, d.mean, d.std, d.resize_ratio, ten_crop=p.ten_crop)
-            loader: DataLoader = make_loader(image_folder(root, "val", tf, d.num_classes), p.ten_crop)
-            results[p.name] = {**evaluate(model, loader, ctx.device, ctx.amp_dtype, ctx.channels_last),
-                               "crop": p.crop, "ten_crop": p.ten_crop}
-        return results
+        reader = DATASETS[d.name].reader
+        if reader is not None:
+            return reader.eval_sets(d, root)
+        return {p.name: (p.crop, p.ten_crop, image_folder(root, "val", eval_transform(
+            p.crop, d.mean, d.std, d.resize_ratio, ten_crop=p.ten_crop), d.num_classes))
+            for p in protocols(d.crop_size, d.large_crop_size)}
 
     def format_table(self, results: dict) -> str:
         """Markdown: top-1 / top-5 [%] and image count per protocol."""
