@@ -9,6 +9,8 @@
 // abnexp/norm/functional.py; fake (meta) implementations are in abnexp/norm/native.py.
 #include <torch/library.h>
 
+#include <limits>
+
 #include "abn.h"
 
 namespace abnexp {
@@ -69,6 +71,10 @@ at::Tensor like(const at::Tensor& t, bool channels_last) {
   return channels_last_dense(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
 }
 
+// Empty inputs (N = 0 or a zero-size spatial dim) launch no kernel: every operator returns its
+// empty or per-channel result directly (a zero-size dim used to divide by zero in the loops).
+bool has_values(const Geometry& g) { return g.count() > 0 && g.channels > 0; }
+
 Geometry geometry(const at::Tensor& t, bool channels_last) {
   const int64_t N = t.size(0), C = t.size(1);
   int64_t S = 1;
@@ -100,7 +106,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> statistics(const at::Tensor& x) {
   const auto g = geometry(xd, cl);
   const auto opts = x.options().dtype(compute_dtype(x));
   auto mean = at::empty({g.channels}, opts), var = at::empty({g.channels}, opts);
-  if (g.channels > 0) launchers_for(x).statistics(xd, g, mean, var);
+  if (has_values(g)) {
+    launchers_for(x).statistics(xd, g, mean, var);
+  } else {  // no values: NaN, as torch.var_mean of an empty reduction
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
   return {mean, var, at::full({}, static_cast<double>(g.count()), opts)};
 }
 
@@ -135,7 +146,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& xd, bool cl, const at
   ch.scale = channel_vector(invstd, x, "invstd") * channel_vector(gamma, x, "gamma");
   ch.beta = channel_vector(beta, x, "beta");
   const Act act = parse_activation(std::string(activation));
-  if (x.numel() > 0) launchers_for(x).forward(xd, geometry(xd, cl), ch, act, param, out);
+  const auto g = geometry(xd, cl);
+  if (has_values(g)) launchers_for(x).forward(xd, g, ch, act, param, out);
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
@@ -184,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> reduce(const Prepared& p, const Channel& ch, 
                                           bool inplace) {
   const auto opts = p.s.src.options().dtype(compute_dtype(p.s.src));
   auto sum_dy = at::zeros({p.g.channels}, opts), sum_dy_t = at::zeros({p.g.channels}, opts);
-  if (p.s.src.numel() > 0)
+  if (has_values(p.g))
     launchers_for(p.s.src).backward_reduce(p.s, p.g, ch, act, param, inplace, sum_dy, sum_dy_t);
   return {sum_dy, sum_dy_t};
 }
@@ -193,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> reduce(const Prepared& p, const Channel& ch, 
 at::Tensor grad_input(Prepared& p, const Channel& ch, Act act, double param, bool inplace,
                       const at::Tensor* into) {
   at::Tensor dx = into ? p.s.dz : at::empty_like(p.s.src);
-  if (p.s.src.numel() > 0) launchers_for(p.s.src).backward_elementwise(p.s, p.g, ch, act, param, inplace, dx);
+  if (has_values(p.g)) launchers_for(p.s.src).backward_elementwise(p.s, p.g, ch, act, param, inplace, dx);
   if (into && !dx.is_same(*into)) into->copy_(dx);  // dz was not in src's layout
   return dx;
 }
@@ -206,7 +218,7 @@ void set_coefficients(Channel& ch, const at::Tensor& x, const at::Tensor& invstd
   const auto g = channel_vector(gamma, x, "gamma"), is = channel_vector(invstd, x, "invstd");
   const auto s1 = channel_vector(sum_dy, x, "sum_dy"), s2 = channel_vector(sum_dy_t, x, "sum_dy_t");
   ch.a = g * is;
-  if (!batch_stats) {
+  if (!batch_stats || x.numel() == 0) {  // an empty input has no dL/dx to compute
     ch.b = at::zeros_like(ch.a);
     ch.c = ch.b;
     return;

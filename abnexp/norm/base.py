@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from abnexp.norm.activations import get_activation
+from abnexp.norm.functional import check_batch_size
 
 
 class NormActBase(nn.Module):
@@ -89,13 +90,23 @@ class NormActBase(nn.Module):
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"activation={self.activation}, activation_param={self.activation_param}")
 
-    def _check_input(self, x: Tensor) -> None:
-        """Raise ``ValueError`` for inputs that are not (N, C, *) with 0-3 spatial dims."""
+    def _check_input(self, x: Tensor, local_stats: bool = True) -> None:
+        """Raise ``ValueError`` for inputs that are not (N, C, *) with 0-3 spatial dims, and,
+        when this call normalizes with the batch statistics of ``x`` alone (``local_stats``;
+        the synchronized layers count their process group's batch instead), for one value per
+        channel, as ``torch.nn.BatchNorm2d`` does, naming the layer (:func:`check_batch_size`).
+        An empty input (N = 0 or a zero-size spatial dim) is accepted."""
         if not 2 <= x.dim() <= 5:
             raise ValueError(f"expected 2D to 5D input (N, C, *), got {x.dim()}D input")
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels (dim 1), got input "
                              f"of size {tuple(x.shape)}")
+        if local_stats and (self.training or self.running_mean is None):
+            check_batch_size(x, self.layer_name())
+
+    def layer_name(self) -> str:
+        """``ClassName(C)``, the layer in error messages."""
+        return f"{type(self).__name__}({self.num_features})"
 
     def _stats_mode(self) -> tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
         """(use batch statistics, update factor, running_mean, running_var) for this call.
@@ -142,6 +153,19 @@ class NormActBase(nn.Module):
         gamma = self.weight if self.weight is not None else torch.ones_like(self.running_var)
         beta = self.bias if self.bias is not None else torch.zeros_like(self.running_var)
         return batchnorm_affine(gamma, beta, self.running_mean, self.running_var, self.eps)
+
+
+def empty_output(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """The output of a normalization layer for an input without values (N = 0 or a zero-size
+    spatial dim): a new empty tensor of x's shape, dtype and layout, connected to ``weight`` and
+    ``bias`` so that they receive zero gradients -- what ``torch.nn.functional.batch_norm``
+    returns for such an input (``x.clone() * weight[0] + bias[0]``)."""
+    out = x.clone()
+    if weight is not None:
+        out = out * weight[0].to(x.dtype)
+    if bias is not None:
+        out = out + bias[0].to(x.dtype)
+    return out
 
 
 def batchnorm_affine(gamma: Tensor, beta: Tensor, running_mean: Tensor, running_var: Tensor,

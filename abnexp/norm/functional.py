@@ -50,16 +50,20 @@ def channel(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
-def check_batch_size(x: Tensor) -> None:
-    """Raise torch BatchNorm's ``ValueError`` when a channel has a single value.
+def check_batch_size(x: Tensor, layer: str = "") -> None:
+    """Raise torch BatchNorm's ``ValueError`` when a channel has a single value (a batch
+    variance of 0). No values (N = 0 or a zero-size spatial dim) is accepted, as
+    ``torch.nn.BatchNorm2d`` accepts it.
 
+    Args:
+        layer: prefixed to the message (e.g. ``"InPlaceABN(64)"``), naming the layer.
     Raises:
-        ValueError: "Expected more than 1 value per channel when training, got input size
-            ..." (same text as ``torch.nn.functional.batch_norm``).
+        ValueError: "[layer: ]Expected more than 1 value per channel when training, got input
+            size ..." (torch.nn.functional.batch_norm's text).
     """
     if values_per_channel(x) == 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input "
-                         f"size {x.size()}")
+        raise ValueError(f"{layer + ': ' if layer else ''}Expected more than 1 value per channel "
+                         f"when training, got input size {x.size()}")
 
 
 def affine_params(weight: Optional[Tensor], bias: Optional[Tensor], num_features: int,
@@ -89,8 +93,12 @@ def batch_statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance (paper Eq. 1), in the compute dtype.
 
     Returns:
-        (mean, var), each of shape (C,).
+        (mean, var), each of shape (C,); NaN for an input without values (as ``torch.var_mean``,
+        without its warning).
     """
+    if values_per_channel(x) == 0:
+        nan = torch.full((x.shape[1],), float("nan"), dtype=compute_dtype(x.dtype), device=x.device)
+        return nan, nan.clone()
     xc = x.to(compute_dtype(x.dtype))
     var, mean = torch.var_mean(xc, dim=reduce_dims(x), correction=0)
     return mean, var
@@ -108,8 +116,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
     The running variance receives the *unbiased* batch variance ``var * m / (m - 1)``;
     ``factor`` is ``momentum`` or, for ``momentum=None``, ``1 / num_batches_tracked``
-    (cumulative average).
+    (cumulative average). ``count == 0`` (an empty batch) leaves both unchanged, as
+    ``torch.nn.BatchNorm2d`` does.
     """
+    if count == 0:
+        return
     unbiased = var * (count / max(count - 1, 1))
     running_mean.mul_(1.0 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
     running_var.mul_(1.0 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)

@@ -6,11 +6,13 @@ layer behaves identically in training and evaluation and for any batch (or ``gro
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from abnexp.norm.activations import activate, get_activation
+from abnexp.norm.base import empty_output
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -21,10 +23,14 @@ class GroupNormAct(nn.GroupNorm):
     running statistics). Parameters ``weight`` / ``bias`` (C,) as ``nn.GroupNorm``, so its
     state dicts load either way.
 
-    Input (N, C, *), output the same shape and dtype.
+    Input (N, C, *), output the same shape and dtype. An input without values (N = 0 or a
+    zero-size spatial dim, which ``nn.GroupNorm`` refuses for the latter) gives an empty output
+    and zero gradients to weight and bias, as the batch-statistics norms do.
 
     Raises:
-        ValueError: ``num_features`` not divisible by ``num_groups``; unknown activation.
+        ValueError: ``num_features`` not divisible by ``num_groups``; unknown activation; an
+            input of one value per group in all (``nn.GroupNorm``'s check, N * C/G * H * W == 1),
+            naming the layer and the input size.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = None,
@@ -40,7 +46,11 @@ class GroupNormAct(nn.GroupNorm):
         self.activation_param = float(activation_param)
 
     def forward(self, x: Tensor) -> Tensor:
-        return activate(self.activation, super().forward(x), self.activation_param)
+        if x.shape[0] * (self.num_channels // self.num_groups) * math.prod(x.shape[2:]) == 1:
+            raise ValueError(f"GroupNormAct({self.num_channels}): Expected more than 1 value per channel when "
+                             f"training, got input size {x.size()} (one value per group, as nn.GroupNorm refuses)")
+        y = empty_output(x, self.weight, self.bias) if x.numel() == 0 else super().forward(x)
+        return activate(self.activation, y, self.activation_param)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}, activation_param={self.activation_param}"

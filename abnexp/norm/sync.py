@@ -50,17 +50,21 @@ from abnexp.norm.inplace_abn import InPlaceABN, native_backward
 _warned = False
 
 
-def gather_batch_statistics(x: Tensor, group, use_native: bool = False) -> tuple[Tensor, Tensor, int]:
+def gather_batch_statistics(x: Tensor, group, use_native: bool = False, layer: str = ""
+                            ) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and biased variance of the batch of all ranks of ``group``.
 
     Args:
         x: this rank's input (N, C, *), N may be 0. Every rank of ``group`` must call this.
         use_native: this rank's statistics from the native ``statistics`` operator.
+        layer: names the layer in the error message.
     Returns:
         (mean, var) as (C,) tensors in the compute dtype (float64 for float64 input, else
-        float32) and m, the number of values per channel over the group.
+        float32) and m, the number of values per channel over the group. A rank without values
+        contributes nothing; m = 0 (every rank empty) gives NaN statistics, which
+        :func:`abnexp.norm.functional.update_running_stats` ignores (count 0).
     Raises:
-        ValueError: m <= 1 (torch BatchNorm's "Expected more than 1 value per channel").
+        ValueError: m == 1 (torch BatchNorm's "Expected more than 1 value per channel").
     """
     cdt, c, count = Fn.compute_dtype(x.dtype), x.shape[1], Fn.values_per_channel(x)
     if count > 0:
@@ -74,8 +78,9 @@ def gather_batch_statistics(x: Tensor, group, use_native: bool = False) -> tuple
     stats = torch.stack(parts)                                  # (ranks, 2C + 1), float64
     mean_all, var_all, total = Fn.merge_statistics(stats[:, :c], stats[:, c:2 * c], stats[:, 2 * c])
     total = int(total.item())
-    if total <= 1:
-        raise ValueError("Expected more than 1 value per channel when training, got input size "
+    if total == 1:
+        raise ValueError(f"{layer + ': ' if layer else ''}Expected more than 1 value per channel when "
+                         f"training, got input size "
                          f"{x.size()} on this rank and {total} value(s) per channel over the "
                          "process group")
     return mean_all.to(cdt), var_all.to(cdt), total
@@ -88,8 +93,8 @@ def all_reduce_sums(a: Tensor, b: Tensor, group) -> tuple[Tensor, Tensor]:
     return both[:a.numel()], both[a.numel():]
 
 
-def _group_stats(x, running_mean, running_var, factor, eps, group, use_native):
-    mean, var, count = gather_batch_statistics(x, group, use_native)
+def _group_stats(x, running_mean, running_var, factor, eps, group, use_native, layer):
+    mean, var, count = gather_batch_statistics(x, group, use_native, layer)
     if running_mean is not None and running_var is not None:
         Fn.update_running_stats(running_mean, running_var, mean, var, count, factor)
     return mean, Fn.inverse_std(var, eps), count
@@ -102,10 +107,10 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
-                eps: float, activation: str, param: float, use_native: bool, group) -> Tensor:
+                eps: float, activation: str, param: float, use_native: bool, group, layer: str) -> Tensor:
         with no_autocast(x.device.type):
             mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group,
-                                               use_native)
+                                               use_native, layer)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device)
             if use_native:
                 y = backends.ops(x).forward(x, mean, invstd, gamma, beta, activation, param)
@@ -123,7 +128,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if use_native:  # the native xhat-form backward with the group's sums and count for dL/dx
             x, mean, invstd, weight, bias, y = ctx.saved_tensors
             return native_xhat_backward(ctx, dy, refs, x, y, mean, invstd, weight, bias, activation, param,
-                                        True, count, lambda a, b: all_reduce_sums(a, b, group)) + (None,) * 8
+                                        True, count, lambda a, b: all_reduce_sums(a, b, group)) + (None,) * 9
         x, mean, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dy.device.type):
             xhat = Fn.normalize(x, mean, invstd, dtype=invstd.dtype)
@@ -135,7 +140,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                                     x.dtype)
             dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 8
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 9
 
 
 class _InPlaceABNSyncFunction(torch.autograd.Function):
@@ -145,10 +150,10 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], factor: float,
                 eps: float, activation: str, param: float, variant: str, use_native: bool,
-                group) -> Tensor:
+                group, layer: str) -> Tensor:
         with no_autocast(x.device.type):
             mean, invstd, count = _group_stats(x, running_mean, running_var, factor, eps, group,
-                                               use_native)
+                                               use_native, layer)
             gamma, beta = Fn.affine_params(weight, bias, x.shape[1], mean.dtype, x.device, eps=eps)
             if use_native:
                 backends.ops(x).forward_(x, mean, invstd, gamma, beta, activation, param)
@@ -167,7 +172,7 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
         count, eps, activation, param, variant, use_native, group = ctx.cfg
         if use_native:  # InPlace-ABN's native backward with the group's sums and count for dL/dx
             return native_backward(ctx, dz, refs, eps, activation, param, variant, True, count,
-                                   lambda a, b: all_reduce_sums(a, b, group)) + (None,) * 9
+                                   lambda a, b: all_reduce_sums(a, b, group)) + (None,) * 10
         z, invstd, weight, bias = ctx.saved_tensors
         with no_autocast(dz.device.type):
             gamma, beta = Fn.affine_params(weight, bias, z.shape[1], invstd.dtype, z.device, eps=eps)
@@ -183,7 +188,7 @@ class _InPlaceABNSyncFunction(torch.autograd.Function):
                                      z.dtype)
             dw = Fn.flip_weight_grad(dgamma, weight) if weight is not None and ctx.needs_input_grad[1] else None
             db = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 9
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 10
 
 
 class _SyncMixin:
@@ -221,12 +226,12 @@ class SyncABN(_SyncMixin, ABN):
         group = self.sync_group()
         if group is None:
             return super().forward(x)
-        self._check_input(x)
+        self._check_input(x, local_stats=False)
         _, factor, running_mean, running_var = self._stats_mode()
         use_native = backends.enabled(x, self.activation, self.activation_param)
         act = (self.activation, self.activation_param) if use_native else ("identity", 0.0)
         y = _SyncBatchNormFunction.apply(x, self.weight, self.bias, running_mean, running_var,
-                                         factor, self.eps, *act, use_native, group)
+                                         factor, self.eps, *act, use_native, group, self.layer_name())
         return y if use_native else activate(self.activation, y, self.activation_param)
 
 
@@ -243,13 +248,13 @@ class InPlaceABNSync(_SyncMixin, InPlaceABN):
         group = self.sync_group()
         if group is None:
             return super().forward(x)
-        self._check_input(x)
+        self._check_input(x, local_stats=False)
         _, factor, running_mean, running_var = self._stats_mode()
         return _InPlaceABNSyncFunction.apply(x, self.weight, self.bias, running_mean, running_var,
                                              factor, self.eps, self.activation,
                                              self.activation_param, self.variant,
                                              backends.enabled(x, self.activation, self.activation_param),
-                                             group)
+                                             group, self.layer_name())
 
 
 SYNC_LAYERS = (SyncABN, InPlaceABNSync)
