@@ -33,6 +33,7 @@ from abnexp.engine.optim import EpochLR, build_optimizer, schedule_warnings
 from abnexp.engine.runtime import make_eval_loader, run_context, unwrap
 from abnexp.errors import AbnexpError, ConfigError
 from abnexp.norm import backends
+from abnexp.norm.mabn import set_loss_scale
 from abnexp.norm.sync import check_running_stats_synchronized, set_process_group
 from abnexp.tasks import build_task
 
@@ -120,6 +121,9 @@ def train(cfg, run_dir: str | Path) -> dict:
                         "epoch %d restarts from its beginning", steps_per_epoch, state["steps_per_epoch"], epoch)
             step = epoch * steps_per_epoch
         log.info("resumed from %s (epoch %d, step %d)", resume_from, epoch, step)
+    if scaler.is_enabled():  # MABN stores Psi of unscaled gradients: it divides by this tensor on the device
+        scaler.scale(torch.zeros((), device=device))  # creates the scale tensor (GradScaler makes it lazily)
+        set_loss_scale(model, scaler._scale)  # updated in place by scaler.update(): one hand-off suffices
     if env.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -30,17 +30,20 @@ from abnexp.norm.functional import (check_batch_size, compute_dtype, reduce_dims
 from abnexp.norm.grouping import affine_normalize, for_each_group
 
 
-def renorm_limits(t: int, r_max: float, d_max: float, start_iters: int, r_max_iters: int,
-                  d_max_iters: int) -> tuple[float, float]:
+def renorm_limits(t, r_max: float, d_max: float, start_iters: int, r_max_iters: int,
+                  d_max_iters: int):
     """(r_max, d_max) at training iteration ``t``: (1, 0) up to ``start_iters``, then linear
     ramps reaching ``r_max`` at ``r_max_iters`` and ``d_max`` at ``d_max_iters`` (constant after).
 
     A ramp whose end is not after ``start_iters`` jumps to its final value at ``start_iters``.
+    ``t`` an int gives floats; a 0-dim floating tensor (the layer's ``num_steps`` in float64)
+    gives 0-dim tensors of its dtype on its device, computed there (no host read).
     """
-    def ramp(end: int) -> float:
-        if t <= start_iters:
-            return 0.0
-        return 1.0 if end <= start_iters else min(1.0, (t - start_iters) / (end - start_iters))
+    def ramp(end: int):
+        if end <= start_iters:
+            return (t > start_iters) * 1.0
+        frac = (t - start_iters) / (end - start_iters)
+        return frac.clamp(0.0, 1.0) if isinstance(frac, Tensor) else min(max(frac, 0.0), 1.0)
 
     return 1.0 + (r_max - 1.0) * ramp(r_max_iters), d_max * ramp(d_max_iters)
 
@@ -96,7 +99,7 @@ class BatchRenorm2d(NormActBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if not self.training or x.shape[0] == 0:
+        if not self.training or x.numel() == 0:  # an empty batch: buffers and counters untouched
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
         else:
@@ -105,18 +108,19 @@ class BatchRenorm2d(NormActBase):
         return activate(self.activation, y, self.activation_param)
 
     def _train_iteration(self, x: Tensor) -> Tensor:
-        check_batch_size(x)
+        check_batch_size(x, self.layer_name())
         _, factor, running_mean, running_var = self._stats_mode()
-        r_lim, d_lim = renorm_limits(int(self.num_steps), self.r_max, self.d_max,
-                                     self.renorm_start_iters, self.r_max_iters, self.d_max_iters)
         cdt = compute_dtype(x.dtype)
+        r_lim, d_lim = (lim.to(cdt) for lim in renorm_limits(self.num_steps.double(), self.r_max, self.d_max,
+                                                             self.renorm_start_iters, self.r_max_iters,
+                                                             self.d_max_iters))
         xc = x.to(cdt)
         var, mean = torch.var_mean(xc, dim=reduce_dims(x), correction=0)
         std = (var + self.eps).sqrt()
         with torch.no_grad():
             sigma = (running_var.to(cdt) + self.eps).sqrt()
-            r = (std.detach() / sigma).clamp_(1.0 / r_lim, r_lim)
-            d = ((mean.detach() - running_mean.to(cdt)) / sigma).clamp_(-d_lim, d_lim)
+            r = torch.clamp((std.detach() / sigma), r_lim.reciprocal(), r_lim)
+            d = torch.clamp((mean.detach() - running_mean.to(cdt)) / sigma, -d_lim, d_lim)
             update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
                                  values_per_channel(x), factor)
         # gamma * ((x - mu_B) / sigma_B * r + d) + beta = gamma * (x - (mu_B - d sigma_B / r)) * (r / sigma_B) + beta

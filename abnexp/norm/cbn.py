@@ -20,9 +20,11 @@ convolution (per channel c, reductions over N and the output positions, m values
   mean(max(nu - mu^2, 0)) + variance of the mu's);
 * ``xhat = (x - mu_bar) / sqrt(sigma_bar^2 + eps)`` (eps inside the sqrt, Eq. 12),
   ``y = gamma * xhat + beta``, then the activation;
-* burn-in: for t <= ``burnin_iters`` the window is 1 (plain BatchNorm statistics); the
-  statistics of the last k - 1 burn-in iterations are recorded so the full window is used
-  from iteration ``burnin_iters + 1``; t counts training calls (``num_steps``);
+* burn-in: for t <= ``burnin_iters`` the window is 1 (plain BatchNorm statistics); burn-in
+  iterations are recorded too (the statistic gradients cost the same as after it), so the full
+  window of the last k - 1 is used from iteration ``burnin_iters + 1``; t counts training calls
+  (``num_steps``). The schedule and the window's slots are decided on the device from the counter
+  buffers (no host read, no graph break under ``torch.compile``);
 * running statistics: torch BatchNorm's EMA (``momentum``) of the current batch's mean and
   unbiased variance; inference is BatchNorm with running statistics.
 
@@ -36,8 +38,9 @@ registered buffers (``past_*``, with ``past_valid`` marking filled slots), so ch
 
 Each training-mode call is one iteration (several calls per step are several iterations with
 unchanged weights, which the compensation handles exactly for mu); with ``group_size`` each
-group is one window entry (see :mod:`abnexp.norm.grouping`). An empty batch leaves the
-buffers untouched. A forward recomputed during backward (activation checkpointing) raises ``RuntimeError``.
+group is one window entry (see :mod:`abnexp.norm.grouping`). An empty batch (N = 0 or a
+zero-size spatial dim) returns an empty output and leaves the buffers and counters untouched
+(weight and bias get zero gradients), as ``torch.nn.BatchNorm2d`` leaves its statistics. A forward recomputed during backward (activation checkpointing) raises ``RuntimeError``.
 
 Kernel backends (:mod:`abnexp.norm.backends`, unless switched off or the activation has a negative
 slope / alpha): the current statistics are the ``statistics`` operator with the closed-form
@@ -87,7 +90,7 @@ def conv_statistics_grads(conv_input: Tensor, output: Tensor, conv: nn.Conv2d) -
     # one weight gradient for both: per conv group, grad_output = [x_c * 2/m for its channels, 1/m]
     # (weight (G * (C/G + 1), C_in/G, kh, kw), groups G): dnu from the first C/G rows, dmu the last
     grad = output.new_empty(n, groups, c // groups + 1, h, w)
-    torch.mul(output.reshape(n, groups, c // groups, h, w), 2.0 / m, out=grad[:, :, :-1])
+    grad[:, :, :-1].copy_(output.reshape(n, groups, c // groups, h, w)).mul_(2.0 / m)  # no out= (torch.compile)
     grad[:, :, -1] = 1.0 / m
     both = torch.nn.grad.conv2d_weight(conv_input, (groups * (c // groups + 1), *conv.weight.shape[1:]),
                                        grad.reshape(n, -1, h, w), conv.stride, conv.padding, conv.dilation, groups)
@@ -231,7 +234,7 @@ class CBN2d(NormActBase):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         captured, self._captured = self._captured, None
-        if not self.training or x.shape[0] == 0:
+        if not self.training or x.numel() == 0:  # an empty batch: buffers and counters untouched
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
         else:
@@ -258,17 +261,18 @@ class CBN2d(NormActBase):
         """
         cdt = compute_dtype(x.dtype)
         groups = split_groups(x, self.group_size)
-        k, step = self.past_len, int(self.num_steps)
-        window = None
-        if k and step > self.burnin_iters:
+        k = self.past_len
+        window = in_window = None
+        if k:  # the schedule is decided on the device: past entries count from burn-in's end on
+            in_window = self.num_steps > self.burnin_iters
             with torch.no_grad():
-                window = self._compensated(conv.weight.detach().to(cdt))
+                window = self._compensated(conv.weight.detach().to(cdt), in_window)
         inputs = split_groups(conv_input, self.group_size) if k else groups
         outputs = []
         for i, (xg, ug) in enumerate(zip(groups, inputs)):
-            check_batch_size(xg)
+            check_batch_size(xg, self.layer_name())
             _, factor, running_mean, running_var = self._stats_mode()
-            t = int(self.num_batches_tracked)
+            t = self.num_batches_tracked
             if use_native:
                 mean, var = _BatchMoments.apply(xg)
             else:
@@ -279,10 +283,11 @@ class CBN2d(NormActBase):
                 update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
                                      values_per_channel(xg), factor)
                 if window is not None:  # this iteration joins the window of the next groups
-                    slot = (t - 1) % k
-                    window[0][slot], window[1][slot] = mean, var + mean.square()
-                    window[2][slot] = True
-                if k and i >= len(groups) - k and step > self.burnin_iters - k:
+                    slot = torch.remainder(t - 1, k).reshape(1)
+                    window[0].index_copy_(0, slot, mean.unsqueeze(0))
+                    window[1].index_copy_(0, slot, (var + mean.square()).unsqueeze(0))
+                    window[2].index_copy_(0, slot, in_window.expand(1, self.num_features))
+                if k and i >= len(groups) - k:
                     theta = conv.weight.detach().to(cdt)
                     self._record(t, mean, var, theta, *conv_statistics_grads(ug.detach().to(cdt),
                                                                              xg.detach().to(cdt), conv))
@@ -294,9 +299,10 @@ class CBN2d(NormActBase):
                 outputs.append(affine_normalize(xc, mu_bar, invstd, self.weight, self.bias).to(x.dtype))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _compensated(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _compensated(self, theta: Tensor, active: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Past (mu, nu) Taylor-compensated to ``theta`` (Eqs. 7-8), each (k-1, C), and the
-        (k-1, C) mask of the entries that enter the averages.
+        (k-1, C) mask of the entries that enter the averages (none unless ``active``, a 0-dim
+        bool device tensor: past the burn-in).
 
         <g, theta - theta_tau> is computed as <g, theta> - <g, theta_tau>, the second term kept
         from iteration tau (``past_*_dot``): one pass over the (k-1, C, F) gradients, without a
@@ -308,25 +314,26 @@ class CBN2d(NormActBase):
             "kgf,gcf->kgc", self.past_mean_grad.to(dt), theta.reshape(groups, c // groups, -1)).reshape(k, c)
         nu = self.past_sqmean.to(dt) - self.past_sqmean_dot.to(dt) + torch.einsum(
             "kcf,cf->kc", self.past_sqmean_grad.to(dt), theta)
-        used = self.past_valid.unsqueeze(1).expand(k, c).clone()  # a new tensor: the call updates it
+        used = self.past_valid.unsqueeze(1).expand(k, c) & active  # a new tensor: the call updates it
         if self.invalid_stats == "drop":
             used = used & (nu - mu.square() >= 0)
         return mu, nu, used
 
-    def _record(self, t: int, mean: Tensor, var: Tensor, theta: Tensor, dmu: Tensor, dnu: Tensor) -> None:
+    def _record(self, t: Tensor, mean: Tensor, var: Tensor, theta: Tensor, dmu: Tensor, dnu: Tensor) -> None:
         """Write iteration t's statistics, their weight gradients and the gradients' inner
-        products with the weights (<dmu, theta>, <dnu, theta> per channel) to its slot."""
-        slot = (t - 1) % self.past_len
+        products with the weights (<dmu, theta>, <dnu, theta> per channel) to its slot (t a 0-dim
+        device tensor: the slot is indexed on the device)."""
+        slot = torch.remainder(t - 1, self.past_len).reshape(1)
         dt, c, groups = self.past_mean.dtype, self.num_features, dmu.shape[0]
         theta = theta.reshape(c, -1)
         dmu, dnu = dmu.reshape(groups, -1), dnu.reshape(c, -1)
-        self.past_mean[slot] = mean.detach().to(dt)
-        self.past_sqmean[slot] = (var.detach() + mean.detach().square()).to(dt)
-        self.past_mean_grad[slot] = dmu.to(dt)
-        self.past_sqmean_grad[slot] = dnu.to(dt)
-        self.past_mean_dot[slot] = torch.einsum("gf,gcf->gc", dmu, theta.reshape(groups, c // groups, -1)).reshape(c).to(dt)
-        self.past_sqmean_dot[slot] = torch.einsum("cf,cf->c", dnu, theta).to(dt)
-        self.past_valid[slot] = True
+        rows = {"past_mean": mean.detach(), "past_sqmean": var.detach() + mean.detach().square(),
+                "past_mean_grad": dmu, "past_sqmean_grad": dnu,
+                "past_mean_dot": torch.einsum("gf,gcf->gc", dmu, theta.reshape(groups, c // groups, -1)).reshape(c),
+                "past_sqmean_dot": torch.einsum("cf,cf->c", dnu, theta)}
+        for name, row in rows.items():
+            getattr(self, name).index_copy_(0, slot, row.unsqueeze(0).to(dt))
+        self.past_valid.index_fill_(0, slot, True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

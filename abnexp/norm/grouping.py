@@ -69,8 +69,8 @@ class GroupedABN(ABN):
         self.group_size = int(group_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.training or self.running_mean is None):
-            return super().forward(x)
+        if not (self.training or self.running_mean is None) or x.numel() == 0:
+            return super().forward(x)  # an empty input is one call, as for ABN
         return for_each_group(super().forward, self.group_size, x)
 
     def extra_repr(self) -> str:
@@ -78,8 +78,10 @@ class GroupedABN(ABN):
 
 
 def refuse_recompute(layer: str) -> None:
-    """Raise ``RuntimeError`` when called during a backward pass (activation checkpointing)."""
-    if torch._C._current_graph_task_id() != -1:
+    """Raise ``RuntimeError`` when called during a backward pass (activation checkpointing).
+    Not checked while ``torch.compile`` traces the layer (the check is a host-side query that
+    Dynamo cannot put in a graph; a compiled forward is not re-entered by eager checkpointing)."""
+    if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
         raise RuntimeError(
             f"{layer} keeps statistics across iterations and cannot be recomputed during "
             f"backward (activation checkpointing would count the iteration twice and normalize "

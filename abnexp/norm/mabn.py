@@ -36,7 +36,14 @@ them): ``buffer_x2`` and ``buffer_gz`` (m, C), ``running_var``, ``num_steps`` an
 ``num_batches_tracked`` (the counters t and n). Deviations from the reference, where it
 corrupts its buffers:
 
-* an empty batch (N = 0) leaves every buffer untouched;
+* an empty batch (N = 0 or a zero-size spatial dim) returns an empty output and leaves every
+  buffer and counter untouched (weight and bias get zero gradients);
+* under fp16 AMP the window holds Psi of the *unscaled* gradients (:func:`set_loss_scale`: the
+  trainer hands the GradScaler's scale tensor to the layers), and a non-finite x2 or Psi_B (an
+  overflow step) is not written: the slot keeps its value, so one overflow cannot make the next m
+  backward passes non-finite;
+* the counters t and n are read on the device only (slots, warm-up and r schedule are device
+  tensors): no host synchronization and no graph break under ``torch.compile``;
 * each training-mode call is one iteration that owns its buffer slot: its backward writes its
   Psi_B into the slot its forward wrote x2 to, so a layer called several times per optimizer
   step (a head shared across inputs) keeps consistent buffers -- each call counts as one
@@ -101,14 +108,15 @@ class _MABNFunction(torch.autograd.Function):
     """y = gamma * r * x * invstd + beta with MABN's moving-average backward (module docstring),
     for all the normalization batches (groups) of one training call at once.
 
-    ``invstd``, ``r``: (G, C), one row per group of ``split_groups(x, group_size)``; ``slots``,
-    ``use_sma``: one entry per group. Backward visits the groups in batch order, each writing its
-    Psi_B before averaging ``buffer_gz``, as G consecutive calls would. ``activation`` is
-    fused (z = phi(y) returned and kept) on the native path only (``use_native``); the
-    PyTorch path returns y and takes "identity"."""
+    ``invstd``, ``r``: (G, C), one row per group of ``split_groups(x, group_size)``; ``slots``
+    (G,) int64, ``use_sma`` (G,) bool: device tensors (no host read decides anything).
+    Backward visits the groups in batch order, each writing its Psi_B before averaging
+    ``buffer_gz``, as G consecutive calls would (:func:`_store_psi`: unscaled by ``loss_scale``, a
+    0-dim device tensor or None). ``activation`` is fused (z = phi(y) returned and kept) on the
+    native path only (``use_native``); the PyTorch path returns y and takes "identity"."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, invstd, r, buffer_gz, slots, use_sma, group_size,
+    def forward(ctx, x, weight, bias, invstd, r, buffer_gz, slots, use_sma, loss_scale, group_size,
                 activation, param, use_native):
         cdt = compute_dtype(x.dtype)
         ys = []
@@ -124,8 +132,9 @@ class _MABNFunction(torch.autograd.Function):
                 y = y + channel(bias.to(cdt), xg)
             ys.append(y)
         out = (ys[0] if len(ys) == 1 else torch.cat(ys)).to(x.dtype)
-        ctx.save_for_backward(x, weight, invstd, r, *((output_to_keep(activation, out),) if use_native else ()))
-        ctx.buffer_gz, ctx.slots, ctx.use_sma, ctx.group_size = buffer_gz, slots, use_sma, group_size
+        ctx.save_for_backward(x, weight, invstd, r, slots, use_sma, loss_scale,
+                              *((output_to_keep(activation, out),) if use_native else ()))
+        ctx.buffer_gz, ctx.group_size = buffer_gz, group_size
         ctx.act = (activation, param, use_native)
         return out
 
@@ -133,7 +142,7 @@ class _MABNFunction(torch.autograd.Function):
     def backward(ctx, dy):
         if ctx.act[2]:
             return _native_backward(ctx, dy)
-        x, weight, invstd, r = ctx.saved_tensors
+        x, weight, invstd, r, slots, use_sma, loss_scale = ctx.saved_tensors
         cdt = compute_dtype(x.dtype)
         dims = reduce_dims(x)
         need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -144,9 +153,7 @@ class _MABNFunction(torch.autograd.Function):
             z = xg.to(cdt) * channel(invstd[i], xg)
             gamma = weight.to(cdt) if weight is not None else torch.ones_like(r[i])
             g = dyc * channel(gamma * r[i], xg)
-            gz = (g * z).mean(dims)
-            ctx.buffer_gz[ctx.slots[i]] = gz.to(ctx.buffer_gz.dtype)
-            psi = ctx.buffer_gz.to(cdt).mean(0) if ctx.use_sma[i] else gz
+            psi = _store_psi(ctx.buffer_gz, (g * z).mean(dims), slots[i], use_sma[i], loss_scale)
             dxs.append(((g - z * channel(psi, xg)) * channel(invstd[i], xg)).to(x.dtype))
             if need_w:  # summed over the groups, as over consecutive calls
                 dw = ((dyc * z).sum(dims) * r[i]).to(weight.dtype)
@@ -155,13 +162,27 @@ class _MABNFunction(torch.autograd.Function):
                 db = dyc.sum(dims).to(weight.dtype)  # affine: weight and bias both or neither
                 dbias = db if dbias is None else dbias + db
         dx = dxs[0] if len(dxs) == 1 else torch.cat(dxs)
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
+
+
+def _store_psi(buffer_gz: Tensor, gz: Tensor, slot: Tensor, sma: Tensor, loss_scale: Optional[Tensor]) -> Tensor:
+    """Write Psi_B = ``gz`` (C,), computed from the gradients backward received (scaled by the
+    loss scale s under fp16 AMP), to ``buffer_gz[slot]`` as ``gz / s`` -- the window holds unscaled
+    statistics whatever the scale of each step -- and only where finite (an overflow step leaves
+    the slot as it was, so it cannot poison the next m steps). Returns Psi in gz's units: the
+    window's mean times s when ``sma``, else gz. ``slot``, ``sma``, s: 0-dim device tensors."""
+    unscaled = gz if loss_scale is None else gz / loss_scale.to(gz.dtype)
+    slot = slot.reshape(1)
+    old = buffer_gz.index_select(0, slot)[0].to(gz.dtype)
+    buffer_gz.index_copy_(0, slot, torch.where(unscaled.isfinite(), unscaled, old).unsqueeze(0).to(buffer_gz.dtype))
+    window = buffer_gz.to(gz.dtype).mean(0)
+    return torch.where(sma, window if loss_scale is None else window * loss_scale.to(gz.dtype), gz)
 
 
 @once_differentiable
 def _native_backward(ctx, dz):
     """:class:`_MABNFunction`'s backward with the native linear-form operators (module docstring)."""
-    x, weight, invstd, r, z = ctx.saved_tensors
+    x, weight, invstd, r, slots, use_sma, loss_scale, z = ctx.saved_tensors
     activation, param, _ = ctx.act
     ops = backends.ops(dz)
     need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -174,8 +195,7 @@ def _native_backward(ctx, dz):
         sum_dy, sum_dy_x = ops.linear_backward_reduce(xg, dzg, zg, activation, param)
         scale = gamma * r[i] * invstd[i]                      # g = dL/dy * scale, z = x * invstd
         gz = scale * sum_dy_x / values_per_channel(xg)        # Psi_B = mean(g * z)
-        ctx.buffer_gz[ctx.slots[i]] = gz.to(ctx.buffer_gz.dtype)
-        psi = ctx.buffer_gz.to(invstd.dtype).mean(0) if ctx.use_sma[i] else gz
+        psi = _store_psi(ctx.buffer_gz, gz, slots[i], use_sma[i], loss_scale)
         dxs.append(ops.linear_backward_elementwise(xg, dzg, zg, scale, -invstd[i].square() * psi,
                                                    torch.zeros_like(psi), activation, param))
         if need_w:
@@ -185,7 +205,7 @@ def _native_backward(ctx, dz):
             db = sum_dy.to(weight.dtype)
             dbias = db if dbias is None else dbias + db
     dx = dxs[0] if len(dxs) == 1 else torch.cat(dxs)
-    return dx, dweight, dbias, None, None, None, None, None, None, None, None, None
+    return dx, dweight, dbias, None, None, None, None, None, None, None, None, None, None
 
 
 class MABN2d(NormActBase):
@@ -233,6 +253,7 @@ class MABN2d(NormActBase):
         self.register_buffer("buffer_x2", torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer("buffer_gz", torch.zeros(buffer_size, num_features, **factory))
         self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long, device=device))
+        self.loss_scale: Optional[Tensor] = None  # see set_loss_scale
 
     def reset_running_stats(self) -> None:
         """running_var <- 1, statistic buffers <- 0, counters <- 0."""
@@ -248,7 +269,7 @@ class MABN2d(NormActBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if not self.training or x.shape[0] == 0:
+        if not self.training or x.numel() == 0:  # an empty batch: buffers and counters untouched
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
         else:
@@ -265,29 +286,44 @@ class MABN2d(NormActBase):
         z = phi(y) with ``use_native``, else y)."""
         cdt = compute_dtype(x.dtype)
         invstds, rs, slots, use_sma = [], [], [], []
+        r_free = max(self.r_warmup_iters, self.warmup_iters)
         with torch.no_grad():
             for xg in split_groups(x.detach(), self.group_size):
                 _, factor, _, running_var = self._stats_mode()  # n += 1
-                t, n = int(self.num_steps), int(self.num_batches_tracked)
+                t, n = self.num_steps, self.num_batches_tracked  # device tensors: no host read
                 if use_native:
                     x2 = backends.ops(xg).linear_backward_reduce(xg, xg, None, "identity", 0.0)[1]
                     x2 = x2 / values_per_channel(xg)
                 else:
                     x2 = xg.to(cdt).square().mean(reduce_dims(xg))
-                slot = n % self.buffer_size
-                self.buffer_x2[slot] = x2.to(self.buffer_x2.dtype)
-                sma = not (n <= self.buffer_size or t < self.warmup_iters)
-                var = self.buffer_x2.to(cdt).mean(0) if sma else x2
+                slot = torch.remainder(n, self.buffer_size).reshape(1)
+                x2 = torch.where(x2.isfinite(), x2, self.buffer_x2.index_select(0, slot)[0].to(cdt))
+                self.buffer_x2.index_copy_(0, slot, x2.unsqueeze(0).to(self.buffer_x2.dtype))
+                sma = (n > self.buffer_size) & (t >= self.warmup_iters)
+                var = torch.where(sma, self.buffer_x2.to(cdt).mean(0), x2)
                 std = (var + self.eps).sqrt()
-                if t <= max(self.r_warmup_iters, self.warmup_iters):
-                    r = torch.ones_like(var)
-                else:
-                    r = (std / (running_var.to(cdt) + self.eps).sqrt()).clamp_(1.0 / R_MAX, R_MAX)
+                r = torch.where(t <= r_free, 1.0,
+                                (std / (running_var.to(cdt) + self.eps).sqrt()).clamp_(1.0 / R_MAX, R_MAX))
                 running_var.mul_(1.0 - factor).add_(var.to(running_var.dtype), alpha=factor)
                 invstds.append(std.reciprocal())
                 rs.append(r)
-                slots.append(slot)
+                slots.append(slot[0])
                 use_sma.append(sma)
         act = (self.activation, self.activation_param) if use_native else ("identity", 0.0)
         return _MABNFunction.apply(x, self.weight, self.bias, torch.stack(invstds), torch.stack(rs),
-                                   self.buffer_gz, slots, use_sma, self.group_size, *act, use_native)
+                                   self.buffer_gz, torch.stack(slots), torch.stack(use_sma), self.loss_scale,
+                                   self.group_size, *act, use_native)
+
+
+def set_loss_scale(model: nn.Module, scale: Optional[Tensor]) -> int:
+    """Tell every :class:`MABN2d` of ``model`` the loss scale its backward receives gradients in:
+    ``scale`` is the 0-dim float32 device tensor that multiplies the loss (``GradScaler``'s, which
+    it updates in place, so one call at the start of training suffices), or None (no scaling: fp32,
+    bf16). The layers divide their Psi_B by it before storing it in ``buffer_gz`` and multiply the
+    window's mean back, on the device (no host read), so the window holds unscaled statistics across
+    scale changes (MABN's moving average of Psi would otherwise mix loss scales). Returns the number
+    of layers set."""
+    layers = [m for m in model.modules() if isinstance(m, MABN2d)]
+    for m in layers:
+        m.loss_scale = scale
+    return len(layers)
