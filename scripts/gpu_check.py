@@ -4,12 +4,16 @@ Stages, each in its own processes with a time budget (a stage that fails or runs
 recorded and the next one runs):
 
 0. env     the device, driver, CUDA, cuDNN, NCCL, torch versions (and the git commit);
-1. build   the native module with its CUDA kernels (abnexp.norm.native.build(cuda=True)), then
-           every CUDA test: the tests skipped with "needs a CUDA GPU" without one, in the test
-           files that hold them (pass / fail / skip counts from pytest's JUnit XML);
-2. bench   forward + backward of InPlace-ABN I and II against torch's BatchNorm2d + in-place
-           F.leaky_relu_, and the bandwidth of the native statistics / forward kernels against a
-           device-to-device copy of the same tensor (CUDA events, warm-up, medians);
+1. build   the native module with its CUDA kernels (abnexp.norm.native.build(cuda=True)), then,
+           for each GPU kernel backend (``ABNEXP_KERNELS=native``: kernels/abn_cuda.cu, and
+           ``ABNEXP_KERNELS=triton``: kernels/abn_triton.py), every CUDA test -- the tests skipped
+           with "needs a CUDA GPU" without one, in the test files that hold them: every layer in
+           fp32 / fp16 / bf16 and both layouts against torch's, torch.compile(fullgraph=True), the
+           synchronized layers over NCCL (pass / fail / skip counts from pytest's JUnit XML) --
+           and ``abnexp kernels check --backend <name>`` (every operator against the reference);
+2. bench   per backend, forward + backward of InPlace-ABN I and II against torch's BatchNorm2d +
+           in-place F.leaky_relu_ (cuDNN), and the bandwidth of the backend's statistics / forward
+           kernels against a device-to-device copy of the same tensor (CUDA events, medians);
 3. memory  InPlace-ABN Table 3 by real allocation: the largest batch of DeepLabV3 + ResNeXt-101 /
            WideResNet-38 at output stride 8 on 512² crops under a 12 GiB per-process cap, norm=bn
            vs norm=inplace_abn, beside the planner's figures (``abnexp memory``);
@@ -22,7 +26,9 @@ tiny inputs (CPU-only build, a couple of CPU tests, tiny benchmark, a memory sea
 simulated capacity, 2 training steps) and writes only to ``--out`` (default a temporary folder),
 never to results/; tests/scripts/test_gpu_check.py runs it so that this script cannot rot.
 
-Run it through scripts/gpu_check.sh, which makes the project importable first. Units: bytes,
+Run it through scripts/gpu_check.sh, which makes the project importable first (an overlay on
+PYTHONPATH); every subprocess starts in the work folder, so the checkout's abnexp/ folder (without
+its configs) never comes first on sys.path. Units: bytes,
 seconds, milliseconds (ms), GB/s = 1e9 bytes per second, GiB / MiB = 2**30 / 2**20 bytes.
 """
 from __future__ import annotations
@@ -45,17 +51,19 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKERS = "scripts/gpu_check_workers.py"
+WORKERS = str(ROOT / "scripts" / "gpu_check_workers.py")
+GPU_BACKENDS = ("native", "triton")
+"""The GPU kernel backends the pack checks and benchmarks (abnexp.norm.backends.BACKENDS)."""
 CUDA_SKIP_REASON = "needs a CUDA GPU"
 ORDER = ("env", "build", "tests", "bench", "memory", "train")
 TITLES = {"env": "0. Environment", "build": "1a. Native build", "tests": "1b. CUDA tests",
           "bench": "2. Benchmarks", "memory": "3. Memory: Table 3 by real allocation",
           "train": "4. Training throughput"}
-CAPS = {"env": 60, "build": 240, "tests": 150, "bench": 75, "memory": 150, "train": 150}
-"""Seconds a stage may take at most (full run)."""
-RESERVE = {"env": 10, "build": 30, "tests": 40, "bench": 20, "memory": 60, "train": 70}
+CAPS = {"env": 30, "build": 180, "tests": 160, "bench": 80, "memory": 100, "train": 90}
+"""Seconds a stage may take at most (full run; tests and bench cover both backends)."""
+RESERVE = {"env": 10, "build": 30, "tests": 60, "bench": 40, "memory": 50, "train": 50}
 """Seconds kept back for each later stage when giving a stage its budget."""
-DRY_CAPS = {"env": 60, "build": 60, "tests": 90, "bench": 60, "memory": 90, "train": 90}
+DRY_CAPS = {"env": 60, "build": 60, "tests": 90, "bench": 60, "memory": 120, "train": 120}
 
 MEMORY_CAP_GIB = 12  # the paper's Titan Xp
 TABLE3_PAPER = {"resnext101": {"bn": 4, "inplace_abn": 7}, "wideresnet38": {"bn": 5, "inplace_abn": 7}}
@@ -104,7 +112,8 @@ class Check:
         self.py = sys.executable
         self.env = dict(os.environ, PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "scripts"), os.environ.get("PYTHONPATH")])))
-        self.stage_env: dict[str, str] = {}  # set for every later stage (ABNEXP_NATIVE=0 after a failed build)
+        self.stage_env: dict[str, str] = {}  # set for every later stage (TORCH_CUDA_ARCH_LIST)
+        self.backends: list[str] = []  # the kernel backends the tests and benchmarks cover (set by build)
         self.stages: dict[str, dict] = {}
         self.info: dict = {}
 
@@ -128,7 +137,7 @@ class Check:
 
     def display(self, cmd: list[str], env: dict | None = None) -> str:
         """The command as a person would type it from the repository root."""
-        words = ["python" if w == self.py else w.replace(str(self.work), "$WORK").replace(str(ROOT) + "/", "")
+        words = ["python" if w == self.py else w.replace(str(ROOT) + "/", "").replace(str(self.work), "$WORK")
                  for w in cmd]
         prefix = [f"{k}={v}" for k, v in (env or {}).items()]
         return shlex.join(prefix + words)
@@ -137,7 +146,7 @@ class Check:
         """Starts ``cmd`` in its own process group (so a timeout ends its children too)."""
         full_env = {**self.env, **self.stage_env, **(env or {})}
         out = open(log_file, "w") if log_file else subprocess.PIPE
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=self.work, env=full_env, stdout=out, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", start_new_session=True)
         proc.log_file, proc.t0 = log_file, time.monotonic()
         return proc
@@ -248,7 +257,7 @@ class Check:
 
     def do_build(self, budget: float) -> dict:
         if (skip := self.need_gpu()) is not None:
-            self.stage_env["ABNEXP_NATIVE"] = "0"
+            self.stage_env["ABNEXP_KERNELS"] = "torch"
             return skip
         path = self.work / "build.json"
         mode = ["--cpu", "--cached-only"] if self.dry else ["--cuda", "--verbose"]  # compiler output: the log
@@ -258,8 +267,12 @@ class Check:
             # torch < 2.12 locks a build with a lock file whose existence blocks every later build
             Path(info["build_dir"], "lock").unlink(missing_ok=True)
         status = info.get("status") if not r["timed_out"] else "timeout"
-        if status != "ok":
-            self.stage_env["ABNEXP_NATIVE"] = "0"  # later stages: reference path, no second build attempt
+        # a failed native build leaves that backend out (no second build attempt); the dry run
+        # covers the CPU kernels (native), else the reference path: the Triton interpreter is CI's
+        self.backends = ([b for b in GPU_BACKENDS if b != "native" or status == "ok"] if not self.dry
+                         else ["native" if status == "ok" else "torch"])
+        if status != "ok":  # memory and train: the reference path, no second build attempt in their processes
+            self.stage_env["ABNEXP_KERNELS"] = "torch"
         reason = info.get("reason") or (f"timed out after {r['seconds']:.0f} s" if r["timed_out"] else None)
         if status not in ("ok", "skipped") and not reason:
             reason = (r["tail"][-1] if r["tail"] else "no output")[:300]
@@ -268,46 +281,68 @@ class Check:
     def cuda_test_files(self) -> list[str]:
         """Test files holding CUDA tests (the project's skip reason appears in them)."""
         files = [p for p in sorted((ROOT / "tests").rglob("test_*.py")) if CUDA_SKIP_REASON in p.read_text()]
-        return [str(p.relative_to(ROOT)) for p in files]
+        return [str(p) for p in files]
 
     def do_tests(self, budget: float) -> dict:
         if (skip := self.need_gpu()) is not None:
             return skip
-        if self.stages.get("build", {}).get("status") not in ("ok", "skipped") and not self.dry:
-            return {"status": "skipped", "reason": "the CUDA build failed: the CUDA tests would fail on it"}
+        if not self.backends:
+            return {"status": "skipped", "reason": "no kernel backend to test (the native build failed; dry run)"}
         files, extra = self.cuda_test_files(), []
         if self.dry:
             for name, test in DRY_CPU_TESTS:
                 found = sorted((ROOT / "tests").rglob(name))
                 if found:
-                    extra.append(f"{found[0].relative_to(ROOT)}::{test}")
-        junit = self.work / "junit.xml"
-        cmd = [self.py, "-m", "pytest", "-p", "gpu_check_workers", "-p", "no:cacheprovider", "-v", "-rfE",
-               f"--junitxml={junit}", *files, *extra]
-        r = self.run("tests", cmd, budget, env={"ABNEXP_GPU_CHECK_SELECT": "cuda"})
-        counts = parse_junit(junit) if junit.is_file() else parse_verbose(r["tail"], self.log_path)
-        counts["files"], counts["cpu_tests"] = files, extra
-        ran = counts.get("tests", 0) - counts.get("skipped", 0)
-        if r["timed_out"]:
-            status, reason = "timeout", f"pytest stopped after {r['seconds']:.0f} s (counts from its -v output)"
-        elif r["rc"] not in (0, 1):
-            status, reason = "failed", f"pytest exit status {r['rc']}: " + (r["tail"][-1] if r["tail"] else "")
-        else:
-            status, reason = "ok", None
-        if not self.dry and status == "ok" and ran == 0:
-            status, reason = "failed", "every CUDA test was skipped on a GPU machine"
-        return {"status": status, "reason": reason, "runs": [r], "counts": counts}
+                    extra.append(f"{found[0]}::{test}")
+        end, runs, per, bad = time.monotonic() + budget, [], {}, []
+        for i, backend in enumerate(self.backends):
+            share = (end - time.monotonic()) / (len(self.backends) - i)
+            env = {"ABNEXP_KERNELS": backend}
+            check = {"rc": 0, "timed_out": False, "tail": ["skip: the reference path has no operators to check"]} \
+                if backend == "torch" else self.run(f"kernels check {backend}", [self.py, "-m", "abnexp", "kernels", "check", "--backend",
+                                                          backend, "--device", "cpu" if self.dry else "cuda"],
+                             share / 3, env=env)
+            junit = self.work / f"junit_{backend}.xml"
+            cmd = [self.py, "-m", "pytest", f"--rootdir={ROOT}", "-c", str(ROOT / "pyproject.toml"), "-p",
+                   "gpu_check_workers", "-p", "no:cacheprovider", "-v", "-rfE", f"--junitxml={junit}", *files, *extra]
+            r = self.run(f"tests {backend}", cmd, end - time.monotonic() if i == len(self.backends) - 1 else share * 2 / 3,
+                         env={**env, "ABNEXP_GPU_CHECK_SELECT": "cuda"})
+            counts = parse_junit(junit) if junit.is_file() else parse_verbose(r["tail"], self.log_path, f"tests {backend}")
+            counts["files"], counts["cpu_tests"] = files, extra
+            counts["check"] = {"rc": check["rc"], "timed_out": check["timed_out"],
+                               "tail": [t for t in check["tail"] if t.startswith(("FAIL", "ok", "all", "skip"))][-12:]}
+            per[backend] = counts
+            runs += [check, r] if "cmd" in check else [r]
+            ran = counts.get("tests", 0) - counts.get("skipped", 0)
+            if r["timed_out"] or check["timed_out"]:
+                bad.append(f"{backend}: timed out")
+            elif r["rc"] not in (0, 1):
+                bad.append(f"{backend}: pytest exit status {r['rc']}: " + (r["tail"][-1] if r["tail"] else ""))
+            elif check["rc"] != 0:
+                bad.append(f"{backend}: `abnexp kernels check` exit status {check['rc']}: "
+                           + (check["tail"][-1] if check["tail"] else ""))
+            elif not self.dry and ran == 0:
+                bad.append(f"{backend}: every CUDA test was skipped on a GPU machine")
+        status = "ok" if not bad else ("timeout" if all("timed out" in b for b in bad) else "failed")
+        return {"status": status, "reason": "; ".join(bad) or None, "runs": runs, "per_backend": per}
 
     def do_bench(self, budget: float) -> dict:
         if (skip := self.need_gpu()) is not None:
             return skip
-        path = self.work / "bench.json"
-        cmd = [self.py, WORKERS, "bench", "--json", str(path)] + (["--dry-run"] if self.dry else [])
-        r = self.run("bench", cmd, budget)
-        data = read_json(path)
-        status = "timeout" if r["timed_out"] else ("ok" if r["rc"] == 0 else "failed")
-        reason = "; ".join(data.get("errors", [])) or (None if status == "ok" else (r["tail"] or ["no output"])[-1])
-        return {"status": status, "reason": reason, "runs": [r], "bench": data}
+        end, runs, data, bad = time.monotonic() + budget, [], {"configs": []}, []
+        for i, backend in enumerate(self.backends or ["torch"]):
+            path = self.work / f"bench_{backend}.json"
+            cmd = [self.py, WORKERS, "bench", "--json", str(path)] + (["--dry-run"] if self.dry else [])
+            r = self.run(f"bench {backend}", cmd, (end - time.monotonic()) / (len(self.backends or ["torch"]) - i),
+                         env={"ABNEXP_KERNELS": backend})
+            part = read_json(path)
+            data = {**part, "configs": data["configs"] + part.get("configs", [])}
+            runs.append(r)
+            if r["timed_out"] or r["rc"] != 0:
+                bad.append(f"{backend}: " + ("; ".join(part.get("errors", [])) or ("timed out" if r["timed_out"] else
+                                                                                  (r["tail"] or ["no output"])[-1])))
+        status = "ok" if not bad else ("timeout" if all(r["timed_out"] for r in runs) else "failed")
+        return {"status": status, "reason": "; ".join(bad) or None, "runs": runs, "bench": data}
 
     def do_memory(self, budget: float) -> dict:
         if (skip := self.need_gpu()) is not None:
@@ -425,10 +460,10 @@ def parse_junit(path: Path) -> dict:
     return counts
 
 
-def parse_verbose(tail: list[str], log_path: Path) -> dict:
+def parse_verbose(tail: list[str], log_path: Path, label: str = "tests") -> dict:
     """The same counts from pytest's -v lines in the log (when it was stopped before the XML)."""
     text = log_path.read_text(errors="replace")
-    text = text[text.rfind("===== tests:"):]
+    text = text[text.rfind(f"===== {label}:"):]
     results = re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, re.M)
     seen = dict(results)
     values = list(seen.values())
@@ -512,7 +547,7 @@ def render(check: Check) -> str:
 
 def speed_summary(bench: dict):
     """(worst InPlace-ABN / torch ratio, where, how many configs met the goal, of how many)."""
-    ratios = [(r["x_torch"], f"{'x'.join(map(str, c['shape']))} {c['dtype']} {c['layout']} {r['variant']}")
+    ratios = [(r["x_torch"], f"{c.get('backend')} {'x'.join(map(str, c['shape']))} {c['dtype']} {c['layout']} {r['variant']}")
               for c in bench.get("configs", []) for r in c["fwd_bwd"] if r["variant"].startswith("InPlace")]
     if not ratios:
         return None
@@ -521,8 +556,8 @@ def speed_summary(bench: dict):
 
 
 def bandwidth_summary(bench: dict):
-    fr = [(b["x_copy"], f"{b['kernel']} {'x'.join(map(str, c['shape']))} {c['dtype']} {c['layout']}")
-          for c in bench.get("configs", []) for b in c.get("bandwidth", []) if b["kernel"].startswith("abnexp")]
+    fr = [(b["x_copy"], f"{c.get('backend')} {b['kernel']} {'x'.join(map(str, c['shape']))} {c['dtype']} {c['layout']}")
+          for c in bench.get("configs", []) for b in c.get("bandwidth", []) if not b["kernel"].startswith("copy")]
     return min(fr) if fr else None
 
 
@@ -547,7 +582,7 @@ def goals(check: Check) -> list[str]:
                                             f"within" if sp else "no figure") +
                  f" | {verdict(None if not sp else sp[0][0] <= GOAL_SPEED, dry)} |")
     bw = bandwidth_summary(bench)
-    lines.append(f"| native statistics and forward kernels ≥ {GOAL_BANDWIDTH:.0%} of copy bandwidth | " +
+    lines.append(f"| statistics and forward kernels ≥ {GOAL_BANDWIDTH:.0%} of copy bandwidth (each backend) | " +
                  (f"lowest {bw[0]:.0%} ({bw[1]})" if bw else "no figure") +
                  f" | {verdict(None if not bw else bw[0] >= GOAL_BANDWIDTH, dry)} |")
     rows = st.get("memory", {}).get("rows", [])
@@ -560,13 +595,13 @@ def goals(check: Check) -> list[str]:
     peak_ok = None if not peak or None in peak else max(peak) <= GOAL_MEMORY
     lines.append(f"| memory per crop of InPlace-ABN ≤ {GOAL_MEMORY:.2f}× std-BN's (DeepLabV3, OS 8, 512²) | {text} "
                  f"| bytes kept for backward: {verdict(kept_ok, dry)}; peak allocation: {verdict(peak_ok, dry)} |")
-    counts = st.get("tests", {}).get("counts", {})
-    bad = counts.get("failures", 0) + counts.get("errors", 0)
-    ran = counts.get("tests", 0) - counts.get("skipped", 0)
-    tests_ok = None if not counts or st["tests"]["status"] == "timeout" or ran == 0 else bad == 0
-    lines.append("| no CUDA test failing | " + (f"{counts.get('passed', 0)} passed, {bad} failed/errors, "
-                                                 f"{counts.get('skipped', 0)} skipped" if counts else "not run") +
-                 f" | {verdict(tests_ok, dry)} |")
+    for backend, counts in st.get("tests", {}).get("per_backend", {}).items():
+        bad = counts.get("failures", 0) + counts.get("errors", 0)
+        ran = counts.get("tests", 0) - counts.get("skipped", 0)
+        tests_ok = None if counts["check"]["timed_out"] or ran == 0 else bad == 0 and counts["check"]["rc"] == 0
+        lines.append(f"| ABNEXP_KERNELS={backend}: no CUDA test failing, `abnexp kernels check` passes | "
+                     f"{counts.get('passed', 0)} passed, {bad} failed/errors, {counts.get('skipped', 0)} skipped; "
+                     f"check exit {counts['check']['rc']} | {verdict(tests_ok, dry)} |")
     return lines + [""]
 
 
@@ -586,19 +621,24 @@ def section_build_tests(check: Check) -> list[str]:
                   f"{archs}) in {info.get('seconds', 0):.1f} s (a cached build only reloads): `{info.get('library')}`."
                   + (f" CUDA tensors use the native kernels: {info.get('cuda_kernels_serve_cuda')}."
                      if "cuda_kernels_serve_cuda" in info else "")]
-    if check.stage_env.get("ABNEXP_NATIVE") == "0":
-        lines += ["", "The later stages ran with `ABNEXP_NATIVE=0` (the PyTorch reference path of the layers), "
-                  "since the native module was not built here; their InPlace-ABN figures are not the kernels'."]
+    if check.stage_env.get("ABNEXP_KERNELS") == "torch":
+        lines += ["", "The native module was not built here: the tests and benchmarks below cover "
+                  f"{', '.join(check.backends) or 'no kernel backend'} only, and the memory and training stages ran "
+                  "with `ABNEXP_KERNELS=torch` (the PyTorch reference path of the layers; their InPlace-ABN figures "
+                  "are not the kernels')."]
     t = st.get("tests", {})
-    c = t.get("counts", {})
     lines += ["", f"## {TITLES['tests']}", "", f"Status: {fmt_status(t)}.", ""]
     lines += commands_block([r["cmd"] for r in t.get("runs", [])])
-    if c:
-        lines += ["", f"Selected: the tests skipped with \"{CUDA_SKIP_REASON}\" when no GPU is visible (pytest plugin "
-                  f"`-p gpu_check_workers`, `ABNEXP_GPU_CHECK_SELECT=cuda`) in the files that hold them: "
-                  f"{', '.join(f'`{f}`' for f in c.get('files', []))}"
-                  + (f"; plus the CPU tests {', '.join(f'`{x}`' for x in c['cpu_tests'])} (dry run)" if c.get("cpu_tests") else "")
-                  + f". Counts from {c.get('source')}.", "",
+    for backend, c in t.get("per_backend", {}).items():
+        lines += ["", f"### `ABNEXP_KERNELS={backend}`", "",
+                  f"`abnexp kernels check --backend {backend}`: exit {c['check']['rc']}"
+                  + (" (timed out)" if c["check"]["timed_out"] else "") + "; its summary lines:", ""]
+        lines += commands_block(c["check"]["tail"])
+        lines += ["", f"Tests selected: those skipped with \"{CUDA_SKIP_REASON}\" when no GPU is visible (pytest "
+                  f"plugin `-p gpu_check_workers`, `ABNEXP_GPU_CHECK_SELECT=cuda`) in "
+                  f"{', '.join(f'`{Path(f).relative_to(ROOT)}`' for f in c.get('files', []))}"
+                  + (f"; plus the CPU tests {', '.join(f'`{Path(x).name}`' for x in c['cpu_tests'])} (dry run)"
+                     if c.get("cpu_tests") else "") + f". Counts from {c.get('source')}.", "",
                   "| tests | passed | failed | errors | skipped |", "|---|---|---|---|---|",
                   f"| {c.get('tests', 0)} | {c.get('passed', 0)} | {c.get('failures', 0)} | {c.get('errors', 0)} "
                   f"| {c.get('skipped', 0)} |", ""]
@@ -627,29 +667,28 @@ def section_bench(check: Check) -> list[str]:
                  "not L2" if data.get("device") == "cuda" else "") + ". × = time / torch's. "
               "torch's layer: `nn.BatchNorm2d(C)` then `F.leaky_relu_(y, 0.01)` (cuDNN or torch's own CUDA kernel, "
               "whichever torch picks: kernel names below).", "",
-              "| shape | dtype | layout | torch BN + leaky_relu_ ms | InPlace-ABN I ms (×) | InPlace-ABN II ms (×) | native |",
+              "| backend | shape | dtype | layout | torch BN + leaky_relu_ ms | InPlace-ABN I ms (×) | InPlace-ABN II ms (×) |",
               "|---|---|---|---|---|---|---|"]
     for c in data["configs"]:
         r = {x["variant"]: x for x in c["fwd_bwd"]}
         t = r.get("torch BatchNorm2d + F.leaky_relu_", {})
         cells = [f"{r[v]['ms']:.3f} ({r[v]['x_torch']:.3f}×)" if v in r else "-" for v in ("InPlace-ABN I", "InPlace-ABN II")]
-        lines.append(f"| {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['layout']} | {t.get('ms', 0):.3f} | "
-                     f"{cells[0]} | {cells[1]} | {c.get('native')} |")
+        lines.append(f"| {c.get('backend')} | {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['layout']} | "
+                     f"{t.get('ms', 0):.3f} | {cells[0]} | {cells[1]} |")
     lines += ["", "Achieved bandwidth = bytes the operator must move at least (statistics: read x once; forward, "
               "forward_ and the copy: read x + write the output) / median time, in GB/s (1e9 B/s); × copy = "
               "fraction of a device-to-device `copy_` of the same tensor.", "",
-              "| shape | dtype | layout | copy GB/s | statistics GB/s (× copy) | forward GB/s (× copy) | forward_ GB/s (× copy) |",
-              "|---|---|---|---|---|---|---|"]
+              "| backend | shape | dtype | layout | copy GB/s | statistics GB/s (× copy) | forward GB/s (× copy) "
+              "| forward_ GB/s (× copy) |", "|---|---|---|---|---|---|---|---|"]
     for c in data["configs"]:
         bw = {b["kernel"]: b for b in c.get("bandwidth", [])}
+        row = f"| {c.get('backend')} | {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['layout']} | "
         if not bw:
-            lines.append(f"| {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['layout']} | "
-                         f"{c.get('bandwidth_note', '-')} | | | |")
+            lines.append(row + f"{c.get('bandwidth_note', '-')} | | | |")
             continue
         cell = lambda k: f"{bw[k]['GBps']:.0f} ({bw[k]['x_copy']:.2f})" if k in bw else "-"  # noqa: E731
-        lines.append(f"| {'×'.join(map(str, c['shape']))} | {c['dtype']} | {c['layout']} | "
-                     f"{bw['copy_ (device to device)']['GBps']:.0f} | {cell('abnexp.statistics')} | "
-                     f"{cell('abnexp.forward')} | {cell('abnexp.forward_ (in place)')} |")
+        lines.append(row + f"{bw['copy_ (device to device)']['GBps']:.0f} | {cell('statistics')} | "
+                     f"{cell('forward')} | {cell('forward_ (in place)')} |")
     kernels = {f"{c['dtype']} {c['layout']}": c["torch_bn_kernels"] for c in data["configs"] if c.get("torch_bn_kernels")}
     if kernels:
         lines += ["", "Kernels of torch's BN + leaky_relu_ forward + backward (first shape, torch.profiler):", ""]
@@ -734,10 +773,10 @@ def main(argv=None) -> int:
     p.add_argument("--logs", help="folder of gpu_check.log and the raw JSON (default the work folder)")
     p.add_argument("--work", help="work folder: run dirs, JSON, JUnit XML (default a new temporary folder)")
     p.add_argument("--budget", type=float, default=None,
-                   help="wall-clock seconds for all stages (default 470: 8 minutes with the set-up; dry run 300)")
+                   help="wall-clock seconds for all stages (default 540: 9.5 minutes with the set-up; dry run 510)")
     p.add_argument("--verbose", action="store_true", help="echo every subprocess's output")
     args = p.parse_args(argv)
-    args.budget = args.budget or (300.0 if args.dry_run else 470.0)
+    args.budget = args.budget or (510.0 if args.dry_run else 540.0)
     if args.dry_run and args.out and Path(args.out).resolve().is_relative_to((ROOT / "results").resolve()):
         p.error("--dry-run never writes to results/: give another --out")
     return Check(args).main()

@@ -1,83 +1,100 @@
 #!/usr/bin/env bash
-# The GPU validation pack in one command: native CUDA build + every CUDA test, kernel
-# benchmarks, InPlace-ABN Table 3 by real allocation, training throughput; writes
-# results/gpu_<device>.md. About 8 minutes on one GPU; needs no network.
+# The GPU validation pack in one command: both GPU kernel backends (ABNEXP_KERNELS=native, the
+# CUDA module, and ABNEXP_KERNELS=triton) built, tested and benchmarked, InPlace-ABN Table 3 by real
+# allocation, training throughput; writes results/gpu_<device>.md. About 9 minutes on one GPU;
+# needs no network.
 #
-#   bash scripts/gpu_check.sh                          # on a CUDA machine
+#   bash scripts/gpu_check.sh --prepare                    # here, with network: fills .gpu_pack/
+#   bash scripts/gpu_check.sh                              # on a CUDA machine (with .gpu_pack/ carried)
 #   bash scripts/gpu_check.sh --out "$OUT" --logs "$OUT"   # report, log and raw JSON into $OUT
-#   bash scripts/gpu_check.sh --dry-run --out /tmp/gc  # CPU, tiny inputs, nothing in results/
+#   bash scripts/gpu_check.sh --dry-run --out /tmp/gc      # CPU, tiny inputs, nothing in results/
 #
-# Options are scripts/gpu_check.py's (--budget SECONDS, --work DIR, --verbose). This wrapper makes
-# the project importable first: torch (+ torchvision) must be installed; hydra-core, omegaconf and
-# antlr4-python3-runtime are installed from wheels in .whl/ when missing (carried to an offline
-# machine, see below); the project itself with `pip install -e . --no-deps --no-build-isolation`,
-# or, where that fails, through a PYTHONPATH overlay of this checkout (nothing installed).
-#
-# Wheels for an offline machine (here, once; ~400 KB; antlr4 ships only as an sdist, so `pip wheel`):
-#   python3 -m pip wheel --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+# Options are scripts/gpu_check.py's (--budget SECONDS, --work DIR, --verbose). The GPU machine
+# needs python with torch and torchvision and nothing else. Everything else comes from .gpu_pack/
+# (git-ignored; carry it to the machine with the checkout, ~40 MB), made by --prepare:
+#   .gpu_pack/wheels  `pip wheel` of scripts/gpu_pack_requirements.txt (Hydra, OmegaConf, TensorBoard,
+#                     tqdm, matplotlib, pytest, ninja and their dependencies), less what torch and
+#                     torchvision bring; binary wheels are for this Python: prepare with the GPU
+#                     machine's Python minor version (PYTHON=python3.X);
+#   .gpu_pack/cache   the demo dataset ($ABNEXP_CACHE), so that scikit-image is not needed there.
+# Missing packages are installed from the wheels into a temporary folder (never into the machine's
+# environment). The project is used from this checkout through an overlay in that folder (abnexp/
+# with configs/ and kernels/ linked in as abnexp.configs / abnexp.kernels, the package-dir mappings
+# of pyproject.toml), first on PYTHONPATH; scripts/gpu_check.py starts every subprocess in its work
+# folder, so the checkout's own abnexp/ (without configs) is never first on sys.path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PY=${PYTHON:-python3}
+PACK=$ROOT/.gpu_pack
 log() { echo "[$(date +%H:%M:%S)] gpu_check.sh: $*"; }
 export PYTHONUNBUFFERED=1
 
-# The CUDA toolkit: abnexp.norm.native uses $CUDA_HOME, else /usr/local/cuda (never PATH's nvcc,
-# which may be a wrapper script).
-if [ -z "${CUDA_HOME:-}" ]; then
-    if [ -x /usr/local/cuda/bin/nvcc ]; then
-        export CUDA_HOME=/usr/local/cuda
-    elif nvcc_path=$(command -v nvcc) && nvcc_path=$(readlink -f "$nvcc_path") \
-            && [ "$(head -c 4 "$nvcc_path" | tail -c 3)" = "ELF" ]; then
-        export CUDA_HOME=$(dirname "$(dirname "$nvcc_path")")  # a real nvcc binary, not a wrapper script
-    fi
+if [ "${1:-}" = "--prepare" ]; then
+    # The torch + torchvision closure is on the GPU machine already: their wheels are left out.
+    rm -rf "$PACK/wheels" && mkdir -p "$PACK/wheels" "$PACK/cache"
+    "$PY" -m pip wheel -q -w "$PACK/wheels" -r scripts/gpu_pack_requirements.txt || exit 1
+    "$PY" - "$PACK/wheels" <<'EOF' || exit 1
+import re, sys
+from importlib import metadata
+from pathlib import Path
+
+def norm(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+have, todo = set(), ["torch", "torchvision"]
+while todo:  # the installed closure of torch and torchvision (what a bare GPU machine has)
+    name = norm(todo.pop())
+    if name in have:
+        continue
+    have.add(name)
+    try:
+        requires = metadata.requires(name) or []
+    except metadata.PackageNotFoundError:
+        continue
+    todo += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in requires if "extra ==" not in r]
+for wheel in Path(sys.argv[1]).glob("*.whl"):
+    if norm(wheel.name.split("-")[0]) in have:
+        wheel.unlink()
+EOF
+    ABNEXP_CACHE="$PACK/cache" "$PY" -c "from abnexp.data.demo import ensure_demo; print(ensure_demo())" || exit 1
+    log "prepared $PACK: $(ls "$PACK/wheels" | wc -l) wheels, $(du -sh "$PACK" | cut -f1) in all"
+    exit 0
 fi
+
+# The CUDA toolkit for the native module: abnexp.norm.cuda_toolkit finds it ($CUDA_HOME, else PATH's
+# nvcc followed to the real binary, else /usr/local/cuda) and says loudly when it cannot build.
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
     log "error: $PY cannot import torch; set PYTHON=/path/to/python"
     exit 2
 fi
 
-# Hydra and OmegaConf (pure Python), from carried wheels when the machine lacks them.
-if ! "$PY" -c "import hydra, omegaconf" 2>/dev/null; then
-    if ls .whl/*.whl >/dev/null 2>&1; then
-        log "installing .whl/*.whl into /tmp/abnexp_site (no network)"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/abnexp_site .whl/*.whl \
-            && export PYTHONPATH=/tmp/abnexp_site${PYTHONPATH:+:$PYTHONPATH}
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/abnexp_gpu_site.XXXXXX")
+MODULES="hydra omegaconf tensorboard tqdm matplotlib pytest ninja"  # import names of scripts/gpu_pack_requirements.txt
+missing=$(cd "$SITE" && "$PY" -c "
+import importlib.util, sys
+print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))" $MODULES)
+if [ -n "$missing" ]; then
+    if ls "$PACK"/wheels/*.whl >/dev/null 2>&1; then
+        log "missing $missing: installing $PACK/wheels into $SITE (no network)"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+            "$PACK"/wheels/*.whl || log "warning: installing the wheels failed"
     else
-        log "warning: hydra-core / omegaconf are missing and there is no .whl/ folder: the stages that compose a config will fail"
+        log "warning: missing $missing and no $PACK/wheels (run 'bash scripts/gpu_check.sh --prepare' where pip can download): stages that need them will fail"
     fi
 fi
-
-# The project: importable from this checkout, with abnexp.configs and abnexp.kernels (package-dir
-# mappings of pyproject.toml, which a plain PYTHONPATH=. does not give).
-from_here() {
-    "$PY" - <<'EOF' 2>/dev/null
-import pathlib, sys
-import abnexp.kernels, abnexp
-here = pathlib.Path("abnexp").resolve()
-sys.exit(0 if pathlib.Path(abnexp.__file__).resolve().parent == here else 1)
-EOF
-}
-overlay() {  # abnexp/ with configs/ and kernels/ linked in as abnexp.configs / abnexp.kernels
-    local site
-    site=$(mktemp -d /tmp/abnexp_overlay.XXXXXX)
-    mkdir "$site/abnexp"
-    for f in "$PWD"/abnexp/*; do ln -s "$f" "$site/abnexp/"; done
-    ln -s "$PWD/configs" "$site/abnexp/configs"
-    ln -s "$PWD/kernels" "$site/abnexp/kernels"
-    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-    log "using this checkout through the overlay $site (PYTHONPATH)"
-}
-if ! from_here; then
-    if "$PY" -c "import abnexp" 2>/dev/null; then
-        overlay  # installed from another checkout: leave that install alone
-    else
-        log "pip install -e . --no-deps --no-build-isolation -q"
-        "$PY" -m pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -n 3
-        from_here || overlay
-    fi
+[ -d "$SITE/bin" ] && export PATH=$SITE/bin:$PATH  # ninja's binary
+if [ -z "${ABNEXP_CACHE:-}" ] && [ -d "$PACK/cache" ]; then
+    export ABNEXP_CACHE=$PACK/cache  # the prepared demo dataset
 fi
 
-log "python: $("$PY" -c 'import sys; print(sys.executable)'), CUDA_HOME=${CUDA_HOME:-unset}"
+mkdir "$SITE/abnexp"
+for f in "$ROOT"/abnexp/*; do ln -s "$f" "$SITE/abnexp/"; done
+ln -s "$ROOT/configs" "$SITE/abnexp/configs"
+ln -s "$ROOT/kernels" "$SITE/abnexp/kernels"
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+where=$(cd "$SITE" && "$PY" -c "import abnexp.configs, abnexp.kernels, abnexp; print(abnexp.__file__)") \
+    || { log "error: the overlay $SITE does not import abnexp.configs"; exit 2; }
+log "python: $("$PY" -c 'import sys; print(sys.executable)'), abnexp from $where (overlay of $ROOT), CUDA_HOME=${CUDA_HOME:-unset}"
 exec "$PY" scripts/gpu_check.py "$@"

@@ -1,15 +1,16 @@
 """The normalization layers on a CUDA GPU, against torch's own layers (independent references).
 
-* every strategy (bn, checkpoint, checkpoint_proposed, inplace_abn, inplace_abn_ii) on the
-  native CUDA kernels against ``torch.nn.BatchNorm2d`` + ``F.leaky_relu`` (cuDNN) in float32,
+* every strategy (bn, checkpoint, checkpoint_proposed, inplace_abn, inplace_abn_ii) on a GPU
+  kernel backend against ``torch.nn.BatchNorm2d`` + ``F.leaky_relu`` (cuDNN) in float32,
   float16 and bfloat16, contiguous and channels_last: outputs, dL/dx, dL/dweight, dL/dbias and
   running statistics over two training steps and one eval step;
 * ``torch.compile(fullgraph=True)`` (inductor) of a model of the layers, without graph breaks;
 * the synchronized layers through NCCL collectives, in one process (a process group of one).
 
-Half-precision inputs are compared with the reference on the same values in float32, to a few
-units of the dtype's rounding. Every test skips without a GPU (scripts/gpu_check.sh runs them
-on one).
+The backend is ``ABNEXP_KERNELS`` when it names one (native: kernels/abn_cuda.cu; triton:
+kernels/abn_triton.py; scripts/gpu_check.sh runs this file once with each), else the native
+module. Half-precision inputs are compared with the reference on the same values in float32, to
+a few units of the dtype's rounding. Every test skips without a GPU.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, native
+from abnexp.norm import ABN, NORM_LAYERS, CheckpointedABN, InPlaceABN, backends, native
 from conftest import STRATEGIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,14 +35,20 @@ DTYPES = {"float32": (torch.float32, 1e-4), "float16": (torch.float16, 4e-3), "b
 """dtype -> (torch dtype, relative tolerance: float32 accumulation, else ~4 units of rounding)."""
 SHAPES = [(5, 24, 13, 11), (32, 64, 28, 28)]  # odd sizes; several blocks per channel
 TESTS = Path(__file__).resolve().parents[1]
+BACKEND = os.environ["ABNEXP_KERNELS"] if os.environ.get("ABNEXP_KERNELS") in ("native", "triton") else "native"
+"""The GPU kernel backend under test: ABNEXP_KERNELS when it names one, else native."""
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cuda_kernels():
-    """The native module with its CUDA kernels: a GPU machine that cannot build them fails here."""
-    info = native.build(cuda=True)
-    assert info.cuda and native.probe("cuda") is None
-    return info
+def gpu_backend():
+    """The layers run BACKEND for CUDA tensors (for native: the module built with its CUDA kernels);
+    a GPU machine where it cannot serve them fails here."""
+    if BACKEND == "native":
+        assert native.build(cuda=True).cuda
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backends, "REQUESTED", BACKEND)
+        assert backends.choose("cuda") == BACKEND
+        yield BACKEND
 
 
 def make_pair(name: str, c: int, seed: int = 0):
@@ -135,8 +142,9 @@ def test_torch_compile_on_cuda_without_graph_breaks(monkeypatch):
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, explained.break_reasons
     code = "\n".join(m.code for g in explained.graphs for m in g.modules() if hasattr(m, "code"))
+    namespace = backends.BACKENDS[BACKEND].namespace
     for op in ("statistics", "forward_", "forward"):
-        assert f"torch.ops.abnexp.{op}(" in code, op
+        assert f"torch.ops.{namespace}.{op}(" in code, op
     ref = model(x)
     ref.square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -206,7 +214,8 @@ def nccl_worker(path: str) -> None:
 def test_sync_layers_over_nccl_in_one_process(tmp_path):
     out = tmp_path / "nccl.json"
     code = f"import test_cuda; test_cuda.nccl_worker({str(out)!r})"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS / "norm"), str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, ABNEXP_KERNELS=BACKEND,
+               PYTHONPATH=os.pathsep.join([str(TESTS / "norm"), str(TESTS), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
