@@ -28,9 +28,13 @@ class ABN(NormActBase):
     operators: statistics, one normalize + affine + activation pass, and a backward that reads
     the kept x and z (negative LeakyReLU slopes / ELU alphas stay on the PyTorch path).
 
+    An empty input (N = 0 or a zero-size spatial dim) gives an empty output, untouched
+    statistics and zero gradients for weight and bias, as ``torch.nn.BatchNorm2d`` (the reference
+    InPlace-ABN library raises; see :class:`~abnexp.norm.NormActBase` for why abnexp does not).
+
     Raises:
         ValueError: wrong input rank or channel count; training (or
-            track_running_stats=False) with one value per channel ("Expected more than 1
+            track_running_stats=False) with one value per channel ("ABN(C): Expected more than 1
             value per channel when training, got input size ...").
     """
 

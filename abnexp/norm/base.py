@@ -35,6 +35,18 @@ class NormActBase(nn.Module):
 
     Class attribute ``inplace``: True for layers that overwrite their input (models clone
     a residual shortcut before such a layer).
+
+    Edge cases, as ``torch.nn.BatchNorm2d`` (and where abnexp differs from the reference
+    InPlace-ABN library): an input without values (N = 0, or a zero-size spatial dim) returns an
+    empty output of its shape, dtype and layout, leaves the running statistics untouched
+    (``num_batches_tracked`` counts the call, as torch's does) and gives weight and bias zero
+    gradients, on every kernel backend. The reference library raises for any batch with at most
+    one value per channel, so also for an empty one; abnexp accepts the empty batch because an
+    empty batch is a normal event outside image classification (a detection head with no
+    positive RoI, a data-parallel rank whose shard ran out, a sampler that yields an empty group)
+    and torch's own layers accept it -- raising there would stop a run on data that carry no
+    statistic at all, whereas one value per channel gives a batch variance of exactly 0 and still
+    raises (``ValueError`` naming the layer and the input size, torch's message text).
     """
 
     inplace = False
@@ -112,7 +124,8 @@ class NormActBase(nn.Module):
         """(use batch statistics, update factor, running_mean, running_var) for this call.
 
         Mirrors ``torch.nn.modules.batchnorm._BatchNorm.forward`` (including incrementing
-        ``num_batches_tracked`` in training). The running tensors are returned when they
+        ``num_batches_tracked`` in training, and, with ``momentum=None`` only, reading it on the
+        host for the factor 1/n as torch does: the default momentum reads nothing). The running tensors are returned when they
         are to be *used* (eval) or *updated* (training), else None.
         """
         factor = 0.0 if self.momentum is None else float(self.momentum)

@@ -11,7 +11,7 @@ eps)`` (biased batch variance), ``sigma = sqrt(running_var + eps)``;
 ``y = gamma * xhat + beta``; then the activation. Running statistics are updated as torch's
 BatchNorm does (momentum, unbiased variance) *after* r and d are computed; inference is
 BatchNorm with running statistics. With r_max = 1 and d_max = 0 this is exactly BatchNorm.
-The schedule counts training iterations (``num_steps``: training-mode calls, one per
+The schedule counts training iterations (``num_steps``: non-empty training-mode calls, one per
 optimizer step in the usual loop); with ``group_size`` the running statistics advance once per
 group (``num_batches_tracked``), see :mod:`abnexp.norm.grouping`.
 """
@@ -60,6 +60,9 @@ class BatchRenorm2d(NormActBase):
         group_size: normalization batch (0 = whole batch), see :mod:`abnexp.norm.grouping`.
 
     Input (N, C, *) with 0-3 spatial dims, any floating dtype; output the same shape and dtype.
+    An empty input (N = 0 or a zero-size spatial dim) gives an empty output and leaves the running
+    statistics and both counters untouched (the schedule does not advance); weight and bias get
+    zero gradients. The schedule is computed on the device from ``num_steps`` (no host read).
 
     Raises:
         ValueError: bad options; wrong input rank or channels; one value per channel in training.

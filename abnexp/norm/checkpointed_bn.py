@@ -186,10 +186,15 @@ class CheckpointedABN(NormActBase):
     and arithmetic in float32 for half inputs, output in the input dtype), contiguous or
     channels_last (kept). Gradients: xhat form of the supplementary's dL/dx.
 
+    An empty input (N = 0 or a zero-size spatial dim) gives an empty output, untouched
+    statistics and zero gradients for weight and bias (see :class:`~abnexp.norm.NormActBase`).
+    Under AMP the proposed variant keeps xhat in the input's half dtype, which bounds the
+    precision of its gradients (results/amp_precision.md); the baseline keeps x as BatchNorm does.
+
     Raises:
         ValueError: unknown variant/activation; negative leaky_relu slope or elu alpha
             (dL/dy is computed from the recomputed z); wrong input rank/channels; one value
-            per channel when using batch statistics.
+            per channel when using batch statistics (naming the layer and the shape).
     """
 
     inplace = False

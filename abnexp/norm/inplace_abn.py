@@ -157,10 +157,15 @@ class InPlaceABN(NormActBase):
     batch statistics in eval too. The input must not be needed by anything else: clone a
     residual shortcut first (``inplace = True`` tells models to do so).
 
+    Edge cases: an empty input (N = 0 or a zero-size spatial dim) is returned as is (empty)
+    with the statistics untouched and zero gradients for weight and bias, where the reference
+    library raises (see :class:`~abnexp.norm.NormActBase`); under AMP the kept z is in the
+    input's half dtype, which bounds the precision of dL/dgamma (results/amp_precision.md).
+
     Raises:
         ValueError: activation not invertible (relu, leaky_relu with slope <= 0, elu with
             alpha <= 0) at construction; unknown variant; wrong input rank/channels; one
-            value per channel when using batch statistics.
+            value per channel when using batch statistics (naming the layer and the shape).
         RuntimeError: (autograd) the input is a leaf requiring grad or is needed by
             another op's backward.
     """

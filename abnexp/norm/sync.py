@@ -27,6 +27,12 @@ did not synchronize). Synchronization happens in training mode only; in eval mod
 torch.distributed is not initialized (then with a warning, once per process), or the group
 has a single rank, the layers compute exactly what their local counterparts (ABN, InPlaceABN)
 compute.
+
+Empty batches: a rank with no values still joins both collectives (its count 0 and zero sums
+contribute nothing); when the whole group is empty the running statistics stay untouched and the
+output is empty, as ``torch.nn.BatchNorm2d`` on an empty batch -- the reference library raises for
+any batch with at most one value per channel on a rank, so one rank's empty shard stops the whole
+job (see :class:`~abnexp.norm.NormActBase`). One value per channel over the whole group raises.
 """
 from __future__ import annotations
 
