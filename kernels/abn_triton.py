@@ -54,6 +54,19 @@ B = tl.constexpr(5)
 K = tl.constexpr(6)
 
 
+# ---- helpers: not triton.language's own @jit functions (tl.sum, tl.cdiv, tl.zeros), so that
+# kernels imported under TRITON_INTERPRET=1 run even when triton was imported before it was set --
+@triton.jit
+def _sum(x, axis: tl.constexpr = None):
+    """tl.sum's reduction (its combine function: the interpreter sums it with numpy)."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
 # ---- activations: forward, dL/dy from the output, inverse ----------------------------------
 @triton.jit
 def _act_forward(y, p, ACT: tl.constexpr):
@@ -183,7 +196,7 @@ def reduce_planes_kernel(SRC, Z, DZ, PACK, PART, N, C, S, GN, SPAN, NS, MODE: tl
                          ACT: tl.constexpr, GROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Planes layout, grid (C * P,): program (c, k) sums samples [n0, n0 + GN) x positions
     [s0, s0 + SPAN) of channel c, partial k = (sample group, position chunk) of P."""
-    P = tl.cdiv(N, GN) * NS
+    P = _cdiv(N, GN) * NS
     pid = tl.program_id(0)
     c = pid // P
     k = pid - c * P
@@ -199,9 +212,9 @@ def reduce_planes_kernel(SRC, Z, DZ, PACK, PART, N, C, S, GN, SPAN, NS, MODE: tl
         mask = (rows < n1)[:, None] & (cols < s1)[None, :]
         off = ((rows.to(tl.int64) * C + c) * S)[:, None] + cols[None, :]
         first = tl.load(SRC + off, mask=mask, other=0).to(PACK.dtype.element_ty)
-        center = tl.sum(first) / (tl.minimum(n1 - n0, GROWS) * tl.minimum(s1 - s0, BLOCK_S))
-    su = tl.zeros([GROWS, BLOCK_S], PACK.dtype.element_ty)
-    sw = tl.zeros([GROWS, BLOCK_S], PACK.dtype.element_ty)
+        center = _sum(first) / (tl.minimum(n1 - n0, GROWS) * tl.minimum(s1 - s0, BLOCK_S))
+    su = tl.full([GROWS, BLOCK_S], 0, PACK.dtype.element_ty)
+    sw = tl.full([GROWS, BLOCK_S], 0, PACK.dtype.element_ty)
     for n in range(n0, n1, GROWS):
         rows = n + tl.arange(0, GROWS)
         base = (rows.to(tl.int64) * C + c) * S
@@ -212,7 +225,7 @@ def reduce_planes_kernel(SRC, Z, DZ, PACK, PART, N, C, S, GN, SPAN, NS, MODE: tl
                                  center, MODE, ACT)
             su += u
             sw += w
-    _store_partial(PART, P, C, k, c, c < C, (n1 - n0) * (s1 - s0), tl.sum(su), tl.sum(sw), center,
+    _store_partial(PART, P, C, k, c, c < C, (n1 - n0) * (s1 - s0), _sum(su), _sum(sw), center,
                    MODE)
 
 
@@ -221,7 +234,7 @@ def reduce_rows_kernel(SRC, Z, DZ, PACK, PART, R, C, RSPAN, MODE: tl.constexpr, 
                        ROWS: tl.constexpr, CB: tl.constexpr):
     """Rows layout, grid (P * cdiv(C, CB),): program (k, channel block) sums rows
     [k * RSPAN, (k + 1) * RSPAN) of CB channels into partial k of P."""
-    ncb = tl.cdiv(C, CB)
+    ncb = _cdiv(C, CB)
     pid = tl.program_id(0)
     k = pid // ncb
     cols = (pid - k * ncb) * CB + tl.arange(0, CB)
@@ -230,14 +243,14 @@ def reduce_rows_kernel(SRC, Z, DZ, PACK, PART, R, C, RSPAN, MODE: tl.constexpr, 
     r1 = tl.minimum(r0 + RSPAN, R)
     c2 = cols[None, :]
     cm2 = cmask[None, :]
-    center = tl.zeros([1, CB], PACK.dtype.element_ty)
+    center = tl.full([1, CB], 0, PACK.dtype.element_ty)
     if MODE == STATS:  # shifted sums: center each channel on the mean of the first tile
         rows = r0 + tl.arange(0, ROWS)
         mask = (rows < r1)[:, None] & cm2
         first = tl.load(SRC + rows.to(tl.int64)[:, None] * C + c2, mask=mask, other=0)
-        center = tl.sum(first.to(PACK.dtype.element_ty), 0)[None, :] / tl.minimum(r1 - r0, ROWS)
-    su = tl.zeros([ROWS, CB], PACK.dtype.element_ty)
-    sw = tl.zeros([ROWS, CB], PACK.dtype.element_ty)
+        center = _sum(first.to(PACK.dtype.element_ty), 0)[None, :] / tl.minimum(r1 - r0, ROWS)
+    su = tl.full([ROWS, CB], 0, PACK.dtype.element_ty)
+    sw = tl.full([ROWS, CB], 0, PACK.dtype.element_ty)
     for r in range(r0, r1, ROWS):
         rows = r + tl.arange(0, ROWS)
         mask = (rows < r1)[:, None] & cm2
@@ -245,8 +258,8 @@ def reduce_rows_kernel(SRC, Z, DZ, PACK, PART, R, C, RSPAN, MODE: tl.constexpr, 
                              cm2, center, MODE, ACT)
         su += u
         sw += w
-    _store_partial(PART, tl.cdiv(R, RSPAN), C, k, cols, cmask, r1 - r0, tl.sum(su, 0),
-                   tl.sum(sw, 0), tl.sum(center, 0), MODE)
+    _store_partial(PART, _cdiv(R, RSPAN), C, k, cols, cmask, r1 - r0, _sum(su, 0),
+                   _sum(sw, 0), _sum(center, 0), MODE)
 
 
 @triton.jit
@@ -257,12 +270,12 @@ def merge_kernel(PART, OUT1, OUT2, P, C, STATS_: tl.constexpr, PB: tl.constexpr,
     in closed form); sums: (sum u, sum w)."""
     cols = tl.program_id(0) * CB + tl.arange(0, CB)
     cmask = cols < C
-    ref = tl.zeros([CB], tl.float64)
+    ref = tl.full([CB], 0, tl.float64)
     if STATS_:
         ref = tl.load(PART + P * C + cols, mask=cmask, other=0)
-    a0 = tl.zeros([PB, CB], tl.float64)
-    a1 = tl.zeros([PB, CB], tl.float64)
-    a2 = tl.zeros([PB, CB], tl.float64)
+    a0 = tl.full([PB, CB], 0, tl.float64)
+    a1 = tl.full([PB, CB], 0, tl.float64)
+    a2 = tl.full([PB, CB], 0, tl.float64)
     for k in range(0, P, PB):
         ks = k + tl.arange(0, PB)
         mask = (ks < P)[:, None] & cmask[None, :]
@@ -278,10 +291,10 @@ def merge_kernel(PART, OUT1, OUT2, P, C, STATS_: tl.constexpr, PB: tl.constexpr,
         else:
             a1 += v1
             a2 += v2
-    s1 = tl.sum(a1, 0)
-    s2 = tl.sum(a2, 0)
+    s1 = _sum(a1, 0)
+    s2 = _sum(a2, 0)
     if STATS_:
-        n = tl.where(cmask, tl.sum(a0, 0), 1.0)
+        n = tl.where(cmask, _sum(a0, 0), 1.0)
         s2 = tl.maximum(s2 - s1 * s1 / n, 0.0) / n
         s1 = ref + s1 / n
     tl.store(OUT1 + cols, s1.to(OUT1.dtype.element_ty), mask=cmask)
@@ -293,8 +306,8 @@ def elementwise_planes_kernel(SRC, Z, DZ, OUT, PACK, N, C, S, MODE: tl.constexpr
                               ACT: tl.constexpr, GROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Planes layout, grid (<= cdiv(N, GROWS) * C, <= cdiv(S, BLOCK_S)) with grid-stride loops:
     axis 0 runs over (sample group, channel), axis 1 over position blocks."""
-    nsb = tl.cdiv(S, BLOCK_S)
-    for q in range(tl.program_id(0), tl.cdiv(N, GROWS) * C, tl.num_programs(0)):
+    nsb = _cdiv(S, BLOCK_S)
+    for q in range(tl.program_id(0), _cdiv(N, GROWS).to(tl.int64) * C, tl.num_programs(0)):
         g = q // C
         c = q - g * C
         rows = g * GROWS + tl.arange(0, GROWS)
@@ -310,9 +323,9 @@ def elementwise_planes_kernel(SRC, Z, DZ, OUT, PACK, N, C, S, MODE: tl.constexpr
 def elementwise_rows_kernel(SRC, Z, DZ, OUT, PACK, R, C, MODE: tl.constexpr, ACT: tl.constexpr,
                             ROWS: tl.constexpr, CB: tl.constexpr):
     """Rows layout, grid (<= cdiv(R, ROWS), <= cdiv(C, CB)) with grid-stride loops."""
-    for rb in range(tl.program_id(0), tl.cdiv(R, ROWS), tl.num_programs(0)):
+    for rb in range(tl.program_id(0), _cdiv(R, ROWS), tl.num_programs(0)):
         rows = rb * ROWS + tl.arange(0, ROWS)
-        for cb in range(tl.program_id(1), tl.cdiv(C, CB), tl.num_programs(1)):
+        for cb in range(tl.program_id(1), _cdiv(C, CB), tl.num_programs(1)):
             cols = cb * CB + tl.arange(0, CB)
             mask = (rows < R)[:, None] & (cols < C)[None, :]
             _element(SRC, Z, DZ, OUT, rows.to(tl.int64)[:, None] * C + cols[None, :], mask, PACK, C,

@@ -72,24 +72,42 @@ def _pow2(n: int, cap: int) -> int:
 
 
 def _launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args)`` through :func:`torch.library.wrap_triton` (traced by torch.compile
+    and torch.export). Interpreted kernels read their tensors' data: with fake tensors (shape
+    propagation, torch.export) nothing runs, and torch.compile's functional tracing is refused."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
     from torch.library import wrap_triton
+
+    if type(kernel).__name__ == "InterpretedFunction":
+        if any(isinstance(a, FunctionalTensor) for a in args):
+            raise RuntimeError("abnexp: torch.compile cannot trace Triton kernels run by the interpreter "
+                               "(TRITON_INTERPRET=1); compile on a GPU, or unset TRITON_INTERPRET")
+        if any(isinstance(a, FakeTensor) for a in args):
+            return
     wrap_triton(kernel)[grid](*args, num_warps=WARPS, **meta)
 
 
-def reduce(src: Tensor, z: Optional[Tensor], dz: Optional[Tensor], g: Geometry, p: Tensor, mode: int,
-           act: int, out1: Tensor, out2: Tensor) -> None:
-    """Per-channel (mean, var) (STATS) or (sum dL/dy, sum dL/dy * t) into out1, out2."""
-    k, c = kernels(), g.channels
+@dataclass(frozen=True)
+class Plan:
+    """One launch: kernel name, grid, the size arguments after the tensors, the constexprs."""
+
+    kernel: str
+    grid: tuple[int, ...]
+    sizes: tuple[int, ...]
+    meta: dict
+
+
+def reduce_plans(g: Geometry) -> tuple[Plan, Plan]:
+    """The partial-sums launch and the merge launch of a reduction over ``g`` (count > 0)."""
+    c = g.channels
     task = max(min(TASK, max(MIN_TASK, -(-g.count * c // PROGRAMS))), -(-g.count // MAX_PARTIALS))
-    z, dz = (src if z is None else z), (src if dz is None else dz)
     if g.channels_last:
         cb = _pow2(c, MAX_CB)
         rows = BLOCK // cb
-        rspan = max(rows, task // cb // rows * rows)
+        rspan = max(task // cb // rows, -(-g.outer // (MAX_PARTIALS * rows)), 1) * rows
         parts = -(-g.outer // rspan)
-        part = src.new_empty((3, parts, c), dtype=torch.float64)
-        _launch(k.reduce_rows_kernel, (parts * -(-c // cb),), src, z, dz, p, part, g.outer, c, rspan,
-                MODE=mode, ACT=act, ROWS=rows, CB=cb)
+        first = Plan("reduce_rows_kernel", (parts * -(-c // cb),), (g.outer, c, rspan), {"ROWS": rows, "CB": cb})
     else:
         n, s = g.outer, g.inner
         bs = _pow2(s, BLOCK)
@@ -100,33 +118,45 @@ def reduce(src: Tensor, z: Optional[Tensor], dz: Optional[Tensor], g: Geometry, 
             gn, span = max(grows, task // s // grows * grows), s
         ns = -(-s // span)
         parts = -(-n // gn) * ns
-        part = src.new_empty((3, parts, c), dtype=torch.float64)
-        _launch(k.reduce_planes_kernel, (c * parts,), src, z, dz, p, part, n, c, s, gn, span, ns,
-                MODE=mode, ACT=act, GROWS=grows, BLOCK_S=bs)
+        first = Plan("reduce_planes_kernel", (c * parts,), (n, c, s, gn, span, ns), {"GROWS": grows, "BLOCK_S": bs})
     mcb = _pow2(c, MAX_CB)
-    _launch(k.merge_kernel, (-(-c // mcb),), part, out1, out2, parts, c, STATS_=mode == k.STATS.value,
-            PB=BLOCK // mcb, CB=mcb)
+    return first, Plan("merge_kernel", (-(-c // mcb),), (parts, c), {"PB": BLOCK // mcb, "CB": mcb})
+
+
+def elementwise_plan(g: Geometry) -> Plan:
+    """The launch of an elementwise kernel over ``g``."""
+    c = g.channels
+    if g.channels_last:
+        cb = _pow2(c, MAX_CB)
+        rows = BLOCK // cb
+        grid = (min(-(-g.outer // rows), GRID_X), min(-(-c // cb), GRID_YZ))
+        return Plan("elementwise_rows_kernel", grid, (g.outer, c), {"ROWS": rows, "CB": cb})
+    bs = _pow2(g.inner, BLOCK)
+    grows = BLOCK // bs
+    grid = (min(-(-g.outer // grows) * c, GRID_X), min(-(-g.inner // bs), GRID_YZ))
+    return Plan("elementwise_planes_kernel", grid, (g.outer, c, g.inner), {"GROWS": grows, "BLOCK_S": bs})
+
+
+def reduce(src: Tensor, z: Optional[Tensor], dz: Optional[Tensor], g: Geometry, p: Tensor, mode: int,
+           act: int, out1: Tensor, out2: Tensor) -> None:
+    """Per-channel (mean, biased var) (STATS) or (sum dL/dy, sum dL/dy * t) into out1, out2."""
+    k = kernels()
+    first, merge = reduce_plans(g)
+    part = src.new_empty((3, merge.sizes[0], g.channels), dtype=torch.float64)
+    z, dz = (src if z is None else z), (src if dz is None else dz)
+    _launch(getattr(k, first.kernel), first.grid, src, z, dz, p, part, *first.sizes, MODE=mode, ACT=act,
+            **first.meta)
+    _launch(k.merge_kernel, merge.grid, part, out1, out2, *merge.sizes, STATS_=mode == k.STATS.value,
+            **merge.meta)
 
 
 def elementwise(src: Tensor, z: Optional[Tensor], dz: Optional[Tensor], out: Tensor, g: Geometry,
                 p: Tensor, mode: int, act: int) -> None:
     """z (FORWARD) or dL/dx (backward forms) into ``out`` (may be src or dz themselves)."""
-    k, c = kernels(), g.channels
+    plan = elementwise_plan(g)
     z, dz = (src if z is None else z), (src if dz is None else dz)
-    if g.channels_last:
-        cb = _pow2(c, MAX_CB)
-        rows = BLOCK // cb
-        grid = (min(-(-g.outer // rows), GRID_X), min(-(-c // cb), GRID_YZ))
-        _launch(k.elementwise_rows_kernel, grid, src, z, dz, out, p, g.outer, c, MODE=mode, ACT=act,
-                ROWS=rows, CB=cb)
-    else:
-        bs = _pow2(g.inner, BLOCK)
-        grows = BLOCK // bs
-        grid = (min(-(-g.outer // grows) * c, GRID_X), min(-(-g.inner // bs), GRID_YZ))
-        _launch(k.elementwise_planes_kernel, grid, src, z, dz, out, p, g.outer, c, g.inner, MODE=mode,
-                ACT=act, GROWS=grows, BLOCK_S=bs)
-
-
+    _launch(getattr(kernels(), plan.kernel), plan.grid, src, z, dz, out, p, *plan.sizes, MODE=mode, ACT=act,
+            **plan.meta)
 
 
 # ---- ahead-of-time compilation --------------------------------------------------------------
