@@ -185,8 +185,11 @@ class MemoryConfig:
     device: str = "titan_xp"  # a GPU of abnexp.memory.DEVICES (titan_xp: the InPlace-ABN paper's 12 GB cards)
     device_gb: float = 0.0  # GiB of one device; 0 = memory.device's memory
     reserved_gb: float = 0.5  # GiB no tensor of the step owns (CUDA context, cuDNN/cuBLAS workspaces)
-    crop: int = 0  # input side in pixels for max_batch; 0 = data.crop_size (detection: shorter side, data.min_size)
+    crop: int = 0  # input side in pixels for max_batch; 0 = data.crop_size (detection: memory.image_size's shorter side)
     gt_instances: int = 8  # detection: objects (boxes, masks) per image planned; COCO has 7.7 on average
+    # detection: the planned training scale [shorter side, longer-side cap] in pixels, whatever data= is (COCO's
+    # 800 / 1333, MABN §5.2, CBN §4.2); null = data.min_size / data.max_size
+    image_size: Optional[list[int]] = field(default_factory=lambda: [800, 1333])
     batch: int = 0  # per-device batch for max_crop; 0 = data.batch_size
     json: Optional[str] = None  # write the figures as JSON to this path
     measure: bool = False  # on a GPU: also find max_batch by real allocation (binary search)
@@ -382,6 +385,8 @@ RANGES: dict[str, tuple] = {
     "launcher.nproc_per_node": _at_least(1), "launcher.sync_group_size": _at_least(0),
     "memory.device_gb": _at_least(0), "memory.reserved_gb": _at_least(0), "memory.crop": _at_least(0),
     "memory.batch": _at_least(0), "memory.gt_instances": _at_least(1),
+    "memory.image_size": ((lambda v: v is None or (len(v) == 2 and 0 < v[0] <= v[1])),
+                          "null or [shorter side, longer-side cap] with 0 < shorter <= longer (e.g. [800,1333])"),
 }
 """config key -> (check, valid range as written in the error); keys an option does not have are skipped."""
 

@@ -9,6 +9,7 @@ InPlace-ABN Table 3.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,19 @@ def _detection_width(cfg, side: int) -> int:
     return round(side * cfg.data.max_size / cfg.data.min_size)
 
 
+def _detection_scale(cfg):
+    """The config with the detector's training resize (data.min_size / data.max_size) set to
+    ``memory.image_size`` (COCO's 800 / 1333 unless set; null keeps the data set's), its shorter
+    side ``memory.crop`` if set (the longer-side cap scaled with it)."""
+    cfg = copy.deepcopy(cfg)
+    m, d = cfg.memory, cfg.data
+    short, cap = m.image_size or (d.min_size, d.max_size)
+    if m.crop:
+        short, cap = m.crop, round(cap * m.crop / short)
+    d.min_size, d.max_size = short, cap
+    return cfg
+
+
 def _detection_upper_bound(model, batch) -> torch.Tensor:
     return sum(upper_bound_losses(model, *batch).values())
 
@@ -55,25 +69,34 @@ class PlannedTask:
     as the task's loss takes it; ``side(cfg)`` → the image side planned when ``memory.crop`` is 0;
     ``simulated_loss(model, batch)`` → the loss on fake tensors (None: the task's own loss);
     ``crop_search``: whether the largest square crop is searched (square crops are the task's input);
-    ``width(cfg, side)``: the image's other side (None: square)."""
+    ``width(cfg, side)``: the image's other side (None: square); ``scale(cfg)`` → the config
+    planned (None: ``cfg`` as composed)."""
 
     inputs: Callable
     side: Callable
     simulated_loss: Optional[Callable] = None
     crop_search: bool = True
     width: Optional[Callable] = None
+    scale: Optional[Callable] = None
 
 
 PLANNED_TASKS = {
     "cls": PlannedTask(_cls_batch, lambda cfg: cfg.data.crop_size),
     "semseg": PlannedTask(_semseg_batch, lambda cfg: cfg.data.crop_size),
     "detection": PlannedTask(_detection_batch, lambda cfg: cfg.data.min_size, _detection_upper_bound,
-                             crop_search=False, width=_detection_width),
+                             crop_search=False, width=_detection_width, scale=_detection_scale),
 }
 """task name -> its entry. cls: float32 images (N, 3, S, S), int64 class ids (N,); semseg: the same
-with class ids per pixel (N, S, S); detection: N images (3, S, S·max_size/min_size) with
-``memory.gt_instances`` boxes / labels / masks each, the step an upper bound
-(abnexp.memory.detection)."""
+with class ids per pixel (N, S, S); detection: N images (3, S, S·max_size/min_size) at
+``memory.image_size`` (whatever data= trains at) with ``memory.gt_instances`` boxes / labels /
+masks each, the step an upper bound (abnexp.memory.detection)."""
+
+
+def planned_config(cfg):
+    """The config whose step ``abnexp memory`` plans: the task's :attr:`PlannedTask.scale` applied
+    (detection: ``memory.image_size``), else ``cfg``."""
+    planned = PLANNED_TASKS.get(cfg.task.name)
+    return planned.scale(cfg) if planned and planned.scale else cfg
 
 
 def device_capacity(cfg) -> tuple[str, int]:
@@ -136,22 +159,26 @@ def _activations_per_crop(sim: Simulator, crop: int, multiple: int) -> Optional[
 
 
 def plan_for(cfg, search: bool = True) -> dict:
-    """The simulated step at (``memory.batch`` or data.batch_size, ``memory.crop`` or
-    data.crop_size) with its breakdown (bytes), and — with ``search`` — ``max_batch`` at the crop
-    and ``max_crop`` at the batch on the device.
+    """The simulated step of :func:`planned_config` at (``memory.batch`` or data.batch_size,
+    ``memory.crop`` or data.crop_size; detection: ``memory.image_size``) with its breakdown
+    (bytes), and — with ``search`` — ``max_batch`` at the crop and ``max_crop`` at the batch on
+    the device.
 
     Returns:
         dict: model, norm, task, device, capacity_bytes, batch, crop, the
         :class:`~abnexp.memory.StepMemory` figures, ``peak_bytes`` (the allocator model's reserved
         peak), ``fits``, ``max_batch``, ``max_crop``, ``per_crop_bytes`` (the allocated peak's
         growth per crop, from batches 2 and 4), ``activations_per_crop`` ({amp: bytes kept for
-        backward per crop} for :data:`PRECISIONS`), ``image`` (the planned image size), ``seconds``.
+        backward per crop} for :data:`PRECISIONS`), ``image`` (the planned image size), ``data_image``
+        (detection: data.min_size × data.max_size as composed), ``seconds``.
 
     Raises:
         ConfigError: an unknown device, an unsupported task / precision, or a batch the model
             rejects (e.g. BatchNorm with one value per channel at batch 1).
     """
     t0 = time.perf_counter()
+    data_image = f"{cfg.data.min_size}×{cfg.data.max_size}" if "min_size" in cfg.data else None
+    cfg = planned_config(cfg)
     device, capacity = device_capacity(cfg)
     spec = step_spec(cfg)
     planned = PLANNED_TASKS.get(cfg.task.name)
@@ -171,6 +198,7 @@ def plan_for(cfg, search: bool = True) -> dict:
                   "capacity_bytes": capacity, **step.summary(), "peak_bytes": step.reserved_peak_bytes,
                   "fits": step.fits(capacity)}
         result["image"] = f"{crop}×{planned.width(cfg, crop)}" if planned.width else f"{crop}²"
+        result["data_image"] = data_image
         if search:
             multiple = max(cfg.norm.get("group_size", 0) or 1, 1)
             result["max_batch"] = max_batch(sim, crop, capacity, multiple)
@@ -212,6 +240,7 @@ def measured_max_batch(cfg, crop: int, upper: int) -> int:
         ConfigError: as :func:`check_measure`.
     """
     device, capacity = check_measure(cfg)
+    cfg = planned_config(cfg)
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(capacity / total, device)
     spec = step_spec(cfg, device, simulated=False)
@@ -249,8 +278,9 @@ def format_plan(r: dict) -> str:
              f"  {r['device']}: {_gib(r['capacity_bytes'])} for tensors, this step "
              f"{'fits' if r['fits'] else 'does NOT fit'}"]
     if r["task"] == "detection":
-        lines.append("  detection: an upper bound (RPN proposals, sampled RoIs and mask RoIs at their configured "
-                     f"caps, {r['gt_instances']} objects per image)")
+        lines.append(f"  detection: an upper bound: images of {r['image']} (memory.image_size; the data config's "
+                     f"{r['data_image']} with memory.image_size=null), RPN proposals, sampled RoIs and mask RoIs at "
+                     f"their configured caps, {r['gt_instances']} objects per image")
     if "max_batch" in r:
         lines.append(f"  largest batch at {r['image']}: {r['max_batch']}")
         if r["max_crop"] is not None:

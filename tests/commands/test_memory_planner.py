@@ -36,6 +36,7 @@ def test_memory_command_writes_json_and_inplace_fits_more(tmp_path, capsys):
     (["memory.device=titan_x"], "memory.device='titan_x' is not a known GPU"),
     (["memory.reserved_gb=20"], "lower memory.reserved_gb"),
     (["task=detection", "memory.gt_instances=0"], "memory.gt_instances=0"),
+    (["task=detection", "memory.image_size=[1333,800]"], "memory.image_size=[1333, 800]"),
 ])
 def test_memory_command_bad_input(capsys, args, message):
     code, _, err = run_cli(["memory", *args], capsys)
