@@ -1,12 +1,13 @@
 """``abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables]``: the papers' tables from runs
-(paper | ours | Δ) and their PNGs (loss curves; CBN Table 3's trend, abnexp.report.plots);
+(paper | ours | Δ; a run not evaluated yet by its last training-time validation, marked) and their
+PNGs (loss curves; CBN Table 3's trend, abnexp.report.plots);
 ``abnexp table memory [overrides]``: InPlace-ABN Table 3 by the memory planner."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from abnexp.errors import ConfigError
-from abnexp.report.memory_report import memory_table
+from abnexp.report.memory_table import memory_table
 from abnexp.report.tables import write_tables
 
 USAGE = "usage: abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables] | abnexp table memory [overrides]"
@@ -16,7 +17,8 @@ def table_command(argv: list[str]) -> None:
     """Writes the tables and prints their paths.
 
     Raises:
-        ConfigError: no run dir given, or no run with an eval.json under them.
+        ConfigError: no run dir given, or no run with a result (eval.json, or a training-time
+            validation in metrics.jsonl) under them.
     """
     if argv[:1] == ["memory"]:
         out = memory_table(Path("results/memory.md"), argv[1:])
@@ -28,6 +30,7 @@ def table_command(argv: list[str]) -> None:
         raise ConfigError(USAGE)
     written = write_tables(paths, out)
     if not written:
-        raise ConfigError(f"no runs with eval.json under {' '.join(paths)}: run `abnexp eval checkpoint=...` first")
+        raise ConfigError(f"no run with a result under {' '.join(paths)} (eval.json, or a validation row in "
+                          f"metrics.jsonl): train until the first validation, or run `abnexp eval checkpoint=...`")
     for path in written:
         print(f"wrote {path}")

@@ -75,3 +75,26 @@ def test_table_writes_its_pngs_beside_its_tables(tmp_path):
         image = imread(out / name)
         assert image.shape[0] > 300 and image.shape[1] > 500 and np.ptp(image[..., :3]) > 0.5  # drawn, not blank
     assert {p.name for p in written} >= {"cbn_t3.md", "cbn_t3.csv", "inplace_abn_t2.md", "runs.md"}
+
+
+def test_a_sweep_not_evaluated_yet_is_compared_by_its_training_time_validation(tmp_path):
+    """Fresh sweep, no eval.json: each run's last validation row in metrics.jsonl fills its cell, marked
+    as training-time validation; a run's eval.json wins over its validation rows."""
+    runs = tmp_path / "sweep"
+    val = {"split": "val", "step": 2, "epoch": 1, "top5": 90.0, "num_samples": 200}
+    for name, recipe, top1s in (("0_bn", "cbn_t3/bn_bs2", [30.0, 40.0]), ("1_cbn", "cbn_t3/cbn_bs2", [50.0, 61.5]),
+                                ("2_plain", None, [20.0, 25.0])):
+        run = fake_run(runs, name, [f"experiment={recipe}"] if recipe else ["model=resnet50"], 0.0, [3.0, 2.0])
+        (run / "eval.json").unlink()
+        with open(run / "metrics.jsonl", "a") as f:
+            for epoch, top1 in enumerate(top1s, 1):
+                f.write(json.dumps({**val, "epoch": epoch, "top1": top1}) + "\n")
+    (runs / "0_bn" / "eval.json").write_text(json.dumps({"protocols": {"center": {"top1": 42.25, "top5": 91.0}}}))
+    out = tmp_path / "tables"
+    written = {p.name for p in write_tables([str(runs)], out)}
+    assert {"cbn_t3.md", "cbn_t3_loss.png", "runs.md", "runs_loss.png"} <= written
+    rows = {line.split(" | ")[0].strip("| "): line for line in (out / "cbn_t3.md").read_text().splitlines()}
+    assert "| 61.50† |" in rows["CBN"] and "| 42.25 |" in rows["BN"]  # the last epoch; eval.json wins for BN
+    assert "† training-time validation" in (out / "cbn_t3.md").read_text()
+    plain = (out / "runs.md").read_text()
+    assert "| 25.0 |" in plain and "validation, epoch 2 †" in plain

@@ -67,9 +67,26 @@ def test_table_fills_the_cells_of_the_runs(tmp_path, capsys):
     assert (out / "inplace_abn_t2.md").read_text().startswith("## InPlace-ABN Table 2")
 
 
+@pytest.mark.slow  # trains a two-run sweep through the CLI
+def test_table_on_a_fresh_sweep_uses_its_training_time_validation(tiny_root, tmp_path, capsys):
+    sweep = tmp_path / "sweep"  # one epoch of 5 steps each (40 images), then validation
+    tiny = [a for a in TINY if not a.startswith("trainer.max_steps")]
+    assert run_cli(["train", "-m", "seed=0,1", *tiny, f"data.root={tiny_root}", "trainer.log_every=1",
+                    f"hydra.sweep.dir={sweep}"], capsys)[0] == 0
+    assert not list(sweep.rglob("eval.json"))
+    out = tmp_path / "tables"
+    code, stdout, err = run_cli(["table", str(sweep), f"out={out}"], capsys)
+    assert code == 0, err
+    assert {p.name for p in out.iterdir()} == {"runs.md", "runs_loss.png"}
+    table = (out / "runs.md").read_text()
+    for run in sweep.glob("*/metrics.jsonl"):
+        last = [json.loads(line) for line in run.read_text().splitlines() if '"val"' in line][-1]
+        assert f"| {round(last['top1'], 2)} | validation, epoch 1 †" in table
+
+
 def test_table_without_runs_fails_clearly(tmp_path, capsys):
     code, _, err = run_cli(["table", str(tmp_path), f"out={tmp_path / 'tables'}"], capsys)
-    assert code == 1 and "no runs with eval.json" in err
+    assert code == 1 and "no run with a result" in err and "abnexp eval" in err
     assert not (tmp_path / "tables").exists()  # nothing written, not even an empty folder
     code, _, err = run_cli(["table", str(tmp_path / "missing")], capsys)
     assert code == 1 and "does not exist" in err
