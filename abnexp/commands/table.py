@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from abnexp.errors import ConfigError
-from abnexp.report.memory_report import memory_table
+from abnexp.report.memory_table import memory_table
 from abnexp.report.tables import write_tables
 
 USAGE = "usage: abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables] | abnexp table memory [overrides]"

@@ -5,13 +5,18 @@
 ``untyped_storage().data_ptr()``): a buffer shared by two ops — z kept by InPlace-ABN and,
 as its input, by the following convolution — counts once. Parameters can be excluded, so the
 figure is the activation memory of a forward pass. (The whole training step's peak is
-:mod:`abnexp.memory.simulate`'s.)
+:mod:`abnexp.memory.simulate`'s.) :func:`kept_by_savers` says, per storage, which modules saved
+it (on fake tensors too, whose storages have no address).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
+from torch import nn
+
+from abnexp.memory.tracker import AllocationTracker
 
 
 class SavedBytes:
@@ -53,3 +58,34 @@ class SavedBytes:
     def has(self, t: torch.Tensor) -> bool:
         """Whether ``t``'s storage is among those saved."""
         return t.untyped_storage().data_ptr() in self.storages
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    """A storage a forward pass keeps for backward: its bytes, the module whose forward allocated
+    it, and the modules whose ops saved it (qualified names; ``OUTSIDE`` outside the model)."""
+
+    nbytes: int
+    module: str
+    savers: frozenset[str]
+
+
+def kept_by_savers(model: nn.Module, forward: Callable[[], Any]) -> list[KeptTensor]:
+    """Runs ``forward()`` (e.g. the model and its loss, on fake or real tensors) and returns every
+    storage it allocated that autograd saved for backward, with who allocated and who saved it
+    (an :class:`~abnexp.memory.tracker.AllocationTracker` plus ``saved_tensors_hooks``). A
+    buffer an in-place norm layer overwrote is saved both by that layer and by the next
+    convolution (InPlace-ABN §3: the one buffer both keep). Parameters are not counted."""
+    tracker = AllocationTracker(model)
+    savers: dict[int, set] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = tracker.key(t)
+        if key is not None:
+            savers.setdefault(key, set()).add(tracker.module_label())
+        return t
+
+    with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return [KeptTensor(tracker.storages[k].nbytes, tracker.storages[k].module, frozenset(s))
+            for k, s in savers.items()]

@@ -60,6 +60,10 @@ class AllocationTracker(TorchDispatchMode):
         """The key of ``t``'s storage, None if it was never tracked."""
         return self._keys.get(t.untyped_storage())
 
+    def module_label(self) -> str:
+        """The qualified name of the innermost module whose forward is running, ``OUTSIDE`` if none."""
+        return self._stack[-1] if self._stack else OUTSIDE
+
     def add(self, t: torch.Tensor, category: str) -> int:
         """Tracks ``t``'s storage (if new) as ``category``; returns its key."""
         st = t.untyped_storage()
@@ -67,8 +71,7 @@ class AllocationTracker(TorchDispatchMode):
         if key is None:
             key = len(self.storages)
             self._keys[st] = key
-            self.storages.append(Storage(st.nbytes(), self.phase, self._stack[-1] if self._stack else OUTSIDE,
-                                         category))
+            self.storages.append(Storage(st.nbytes(), self.phase, self.module_label(), category))
             self.events.append((key, st.nbytes()))
             weakref.finalize(st, self._release, key)
         return key
