@@ -7,7 +7,8 @@ every label file readable, single-channel, of its image's size, and holding only
 its kind allows (the message says what wrong values usually mean: train ids given where labelIds
 are expected and vice versa, converted COCO-Stuff ids, Vistas v2.0 labels); per-class pixel
 counts after mapping to train ids. Datasets with a reader (Fashion-MNIST): images per split and
-class, after the reader's file checks. Other datasets: their layout check. Problems → exit status 1.
+class, after the reader's file checks. ImageNet-layout folders (imagenet, demo): their layout check,
+then images and class folders per split. Other datasets: their layout check. Problems → exit status 1.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from abnexp.data import DATASETS, dataset_root
+from abnexp.data import DATASETS, ClassificationData, dataset_root
+from abnexp.data.imagenet import folder_counts
 from abnexp.data.segmentation import IGNORE_INDEX, SEGMENTATION, SegSpec, read_label
 from abnexp.errors import DatasetError
 
@@ -93,6 +95,10 @@ def check_dataset(name: str, root, max_images: int = 0) -> tuple[bool, str]:
     root = dataset_root(name, root)
     if DATASETS[name].reader is not None:
         return True, DATASETS[name].reader.report(root)
+    if DATASETS[name].options is ClassificationData:  # ImageNet-layout folders: what ImageFolder will read
+        counts = folder_counts(root)
+        return True, "\n".join([f"data={name} at {root}: layout check passed"] + [
+            f"{split}: {images:,} images in {classes:,} class folders" for split, (classes, images) in counts.items()])
     if name not in SEGMENTATION:
         return True, f"data={name} at {root}: layout check passed (label checks exist for segmentation datasets)"
     spec = SEGMENTATION[name]
