@@ -401,7 +401,7 @@ class Check:
         runs, rows = [], []
         for i, norm in enumerate(("inplace_abn", "bn")):
             run_dir = self.work / f"train_{norm}"
-            cmd = [self.py, "-m", "abnexp", "train", "model=resnext50", f"norm={norm}", "amp=bf16",
+            cmd = [self.py, "-m", "abnexp", "train", f"model={'resnet18' if self.dry else 'resnext50'}", f"norm={norm}", "amp=bf16",
                    "channels_last=true", *common, f"hydra.run.dir={run_dir}"]
             r = self.run(f"train norm={norm}", cmd, (end - time.monotonic()) / (2 - i))
             row = {"norm": norm, "cmd": r["cmd"], "seconds": r["seconds"], **throughput(run_dir / "metrics.jsonl")}
@@ -746,7 +746,7 @@ def section_train(check: Check) -> list[str]:
     lines = [f"## {TITLES['train']}", "", f"Status: {fmt_status(s)}.", ""]
     if not rows:
         return lines + [""]
-    lines += ["ResNeXt-50 on the demo data (64×64 photographs of 10 classes, upsampled by RandomResizedCrop to "
+    lines += [f"{'ResNet-18 (dry run)' if check.dry else 'ResNeXt-50'} on the demo data (64×64 photographs of 10 classes, upsampled by RandomResizedCrop to "
               "`data.crop_size`; colour jitter and lighting off so that the CPU loaders keep up), `amp=bf16 "
               "channels_last=true`, same seed and settings for both norms. images/s = the median over the "
               "`metrics.jsonl` train windows (`trainer.log_every` steps each) other than each epoch's first "
