@@ -23,7 +23,8 @@ from abnexp.report.experiments import experiments
 from abnexp.report.paper_tables import TABLE3_MEMORY, TABLES, paper_values
 from conftest import run_cli
 
-RECIPES = experiments()
+OWN_FAMILIES = {"fashion_mnist"}  # abnexp's own recipe families: no paper table (experiment.paper "abnexp")
+RECIPES = [m for m in experiments() if m["table"] not in OWN_FAMILIES]  # the papers' recipes
 BY_NAME = {m["name"]: m for m in RECIPES}
 CONFIGS = resources.files("abnexp.configs")
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def composed():
 
 def test_recipes_are_the_cells_of_the_table_folders():
     folders = {f.name for f in (CONFIGS / "experiment").iterdir() if f.is_dir() and f.name != "__pycache__"}
-    assert folders == set(TABLES)
+    assert folders == set(TABLES) | OWN_FAMILIES
     assert not [f.name for f in (CONFIGS / "experiment").iterdir() if f.name.endswith(".yaml")]  # no flat recipes
     for table in TABLES:
         assert (CONFIGS / "experiment" / table / "_base.yaml").is_file(), table
@@ -234,3 +235,14 @@ def test_the_wheel_ships_every_recipe(tmp_path):
         assert f"abnexp/configs/experiment/{table}/_base.yaml" in names
     assert {"abnexp/configs/config.yaml", "abnexp/configs/experiment_renames.yaml",
             "abnexp/configs/norm/cbn.yaml"} <= names
+
+
+def test_own_recipe_families_are_listed_without_a_paper_table(capsys):
+    own = [m for m in experiments() if m["table"] in OWN_FAMILIES]
+    assert {m["name"] for m in own} == {"fashion_mnist/resnet18_bn"}
+    assert all(m["paper"] == "abnexp" and m["table"] not in TABLES for m in own)
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0 and "fashion_mnist: (no paper table)" in out and "fashion_mnist/resnet18_bn" in out
+    c = abnexp_compose(["experiment=fashion_mnist/resnet18_bn"])
+    assert (c.model.name, c.model.stem, c.norm.name, c.data.name, c.data.batch_size) == (
+        "resnet18", "small_pool", "bn", "fashion_mnist", 32)
