@@ -116,6 +116,16 @@ class NormActBase(nn.Module):
         if local_stats and (self.training or self.running_mean is None):
             check_batch_size(x, self.layer_name())
 
+    @staticmethod
+    def advance(counter: Tensor) -> Tensor:
+        """``counter += 1`` for a 0-dim counter buffer; returns the new value as a fresh tensor,
+        computed before the in-place update. Read the buffer again after the update instead, and
+        ``torch.compile`` (AOTAutograd, torch 2.x) may hand the backward graph a value derived from
+        the updated input -- one step ahead (measured: BRN's and CBN's gradients differed from eager)."""
+        new = counter + 1
+        counter.copy_(new)
+        return new
+
     def layer_name(self) -> str:
         """``ClassName(C)``, the layer in error messages."""
         return f"{type(self).__name__}({self.num_features})"

@@ -106,15 +106,15 @@ class BatchRenorm2d(NormActBase):
             y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
         else:
-            self.num_steps.add_(1)
-            y = for_each_group(self._train_iteration, self.group_size, x)
+            t = self.advance(self.num_steps)
+            y = for_each_group(lambda group: self._train_iteration(group, t), self.group_size, x)
         return activate(self.activation, y, self.activation_param)
 
-    def _train_iteration(self, x: Tensor) -> Tensor:
+    def _train_iteration(self, x: Tensor, t: Tensor) -> Tensor:
         check_batch_size(x, self.layer_name())
         _, factor, running_mean, running_var = self._stats_mode()
         cdt = compute_dtype(x.dtype)
-        r_lim, d_lim = (lim.to(cdt) for lim in renorm_limits(self.num_steps.double(), self.r_max, self.d_max,
+        r_lim, d_lim = (lim.to(cdt) for lim in renorm_limits(t.double(), self.r_max, self.d_max,
                                                              self.renorm_start_iters, self.r_max_iters,
                                                              self.d_max_iters))
         xc = x.to(cdt)

@@ -242,14 +242,14 @@ class CBN2d(NormActBase):
             if self.past_len and (captured is None or captured[2] is not x):
                 raise RuntimeError(f"CBN2d({self.num_features}) is paired with a conv and must receive "
                                    f"that conv's output directly (conv -> norm), in the same call order")
-            self.num_steps.add_(1)
+            step = self.advance(self.num_steps)
             use_native = backends.enabled(x, self.activation, self.activation_param)
-            y = self._train_call(x, *(captured[:2] if self.past_len else (None, None)), use_native)
+            y = self._train_call(x, step, *(captured[:2] if self.past_len else (None, None)), use_native)
             if use_native:
                 return y  # activation fused
         return activate(self.activation, y, self.activation_param)
 
-    def _train_call(self, x: Tensor, conv: Optional[nn.Conv2d], conv_input: Optional[Tensor],
+    def _train_call(self, x: Tensor, step: Tensor, conv: Optional[nn.Conv2d], conv_input: Optional[Tensor],
                     use_native: bool = False) -> Tensor:
         """One training call: each group of ``group_size`` samples is one iteration; returns y,
         or z = phi(y) with ``use_native`` (the native kernels, activation fused).
@@ -264,15 +264,16 @@ class CBN2d(NormActBase):
         k = self.past_len
         window = in_window = None
         if k:  # the schedule is decided on the device: past entries count from burn-in's end on
-            in_window = self.num_steps > self.burnin_iters
+            in_window = step > self.burnin_iters
             with torch.no_grad():
                 window = self._compensated(conv.weight.detach().to(cdt), in_window)
         inputs = split_groups(conv_input, self.group_size) if k else groups
         outputs = []
+        n0 = self.num_batches_tracked.clone()  # read before _stats_mode updates it (see advance)
         for i, (xg, ug) in enumerate(zip(groups, inputs)):
             check_batch_size(xg, self.layer_name())
+            t = n0 + (i + 1)
             _, factor, running_mean, running_var = self._stats_mode()
-            t = self.num_batches_tracked
             if use_native:
                 mean, var = _BatchMoments.apply(xg)
             else:

@@ -274,13 +274,13 @@ class MABN2d(NormActBase):
                              False, 0.0, self.eps)
         else:
             refuse_recompute("MABN2d")
-            self.num_steps.add_(1)
+            t = self.advance(self.num_steps)
             if backends.enabled(x, self.activation, self.activation_param):
-                return self._train_iteration(x, True)  # activation fused
-            y = self._train_iteration(x, False)
+                return self._train_iteration(x, t, True)  # activation fused
+            y = self._train_iteration(x, t, False)
         return activate(self.activation, y, self.activation_param)
 
-    def _train_iteration(self, x: Tensor, use_native: bool) -> Tensor:
+    def _train_iteration(self, x: Tensor, t: Tensor, use_native: bool) -> Tensor:
         """One training iteration on (N, C, *): per normalization batch (group, in batch order)
         statistics and buffers, then one custom Function for the whole batch (returning
         z = phi(y) with ``use_native``, else y)."""
@@ -288,9 +288,10 @@ class MABN2d(NormActBase):
         invstds, rs, slots, use_sma = [], [], [], []
         r_free = max(self.r_warmup_iters, self.warmup_iters)
         with torch.no_grad():
-            for xg in split_groups(x.detach(), self.group_size):
-                _, factor, _, running_var = self._stats_mode()  # n += 1
-                t, n = self.num_steps, self.num_batches_tracked  # device tensors: no host read
+            n0 = self.num_batches_tracked.clone()  # read before _stats_mode updates it (see advance)
+            for i, xg in enumerate(split_groups(x.detach(), self.group_size)):
+                n = n0 + (i + 1)  # device tensors: no host read
+                _, factor, _, running_var = self._stats_mode()  # num_batches_tracked += 1
                 if use_native:
                     x2 = backends.ops(xg).linear_backward_reduce(xg, xg, None, "identity", 0.0)[1]
                     x2 = x2 / values_per_channel(xg)
