@@ -118,10 +118,9 @@ class NormActBase(nn.Module):
 
     @staticmethod
     def advance(counter: Tensor) -> Tensor:
-        """``counter += 1`` for a 0-dim counter buffer; returns the new value as a fresh tensor,
-        computed before the in-place update. Read the buffer again after the update instead, and
-        ``torch.compile`` (AOTAutograd, torch 2.x) may hand the backward graph a value derived from
-        the updated input -- one step ahead (measured: BRN's and CBN's gradients differed from eager)."""
+        """``counter += 1`` for a 0-dim counter buffer (on its device: no host read); returns the
+        new value as a fresh tensor computed before the in-place update, so that a layer's schedule
+        reads a value of this call rather than the buffer after its update."""
         new = counter + 1
         counter.copy_(new)
         return new
