@@ -2,7 +2,7 @@
 
 Every model is built from an injected :class:`~abnexp.norm.factory.NormAct` (no model
 hard-codes BatchNorm), has the constructor ``(norm_act, num_classes=1000, output_stride=32,
-input_3x3=False)``, an ``out_channels`` attribute, ``forward_features(x)`` ->
+input_3x3=False)`` (the ResNets also ``stem="imagenet"``), an ``out_channels`` attribute, ``forward_features(x)`` ->
 (N, out_channels, H/os, W/os), ``forward(x)`` -> (N, num_classes) logits, ``feature_stages()``
 -> its stride-4, 8, 16, 32 feature maps (:class:`~abnexp.models.stages.FeatureStage`: tap
 module, channels, stride) and ``stem_modules`` (the names before the first stage, or None).
