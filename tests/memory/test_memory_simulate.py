@@ -52,12 +52,14 @@ def real_peak(spec: StepSpec, batch: int, crop: int, amp=None, make_inputs=None)
 @pytest.mark.slow
 @pytest.mark.parametrize("norm", ["bn", "inplace_abn", "inplace_abn_ii", "checkpoint"])
 def test_simulated_peak_equals_the_real_steps_within_2_percent(norm):
-    # classification: CPU convolutions without kernel workspaces (the dilated ones of DeepLabV3
-    # allocate one inside convolution_backward, which the profiler counts and no tensor owns)
-    cfg = compose(["model=resnet18", f"norm={norm}", "data.crop_size=64", "data.batch_size=8"])
+    # classification at 128² (layer4 at 4²): CPU convolutions without kernel workspaces. The dilated
+    # ones of DeepLabV3, and at 64² layer4's 3x3 convolutions on 2² maps (oneDNN's weight gradient:
+    # 4 weights' bytes per thread, 75 MB on 2 threads), allocate one inside convolution_backward,
+    # which the profiler counts and no tensor owns (library workspaces: memory.reserved_gb)
+    cfg = compose(["model=resnet18", f"norm={norm}", "data.crop_size=128", "data.batch_size=4"])
     spec = step_spec(cfg)
-    simulated = Simulator(spec).step(8, 64)
-    measured = real_peak(spec, 8, 64)
+    simulated = Simulator(spec).step(4, 128)
+    measured = real_peak(spec, 4, 128)
     assert abs(simulated.tensor_peak_bytes - measured) <= 0.02 * measured, (simulated.tensor_peak_bytes, measured)
 
 
