@@ -15,11 +15,11 @@ Offsets are int64 (rows are cast before they are multiplied by strides). Arithme
 dtype of ``PACK`` (float64 for float64 inputs, float32 otherwise); full-size inputs are upcast on
 load and results are rounded to the output's dtype on store.
 
-``PACK`` holds the per-channel vectors and the activation constants of one call:
-``PACK[0:3] = (param, 1 / param, -1 + eps)`` (LeakyReLU slope / ELU alpha, its inverse, the ELU
-inverse's clamp) and vector ``k`` of length C at ``PACK[HEAD + k * C]``, with k = SHIFT (mean, or
-tshift of the in-place forms), MUL (invstd, tmul, or the forward's invstd * gamma), GAMMA, BETA,
-A, B, K (dL/dx = A * dL/dy + B * t + K).
+``PACK`` holds the activation parameter and the per-channel vectors of one call:
+``PACK[0] = param`` (LeakyReLU slope / ELU alpha; then padding up to HEAD) and vector ``k`` of
+length C at ``PACK[HEAD + k * C]``, with k = SHIFT (mean, or tshift of the in-place forms), MUL
+(invstd, tmul, or the forward's invstd * gamma), GAMMA, BETA, A, B, K (dL/dx = A * dL/dy + B * t
++ K).
 
 What a kernel computes is ``MODE``: STATS (per-channel mean / M2), FORWARD
 (z = act((x - mean) * scale + beta)), or a backward form giving (dL/dy, t): INPLACE (src = z:
@@ -54,17 +54,11 @@ B = tl.constexpr(5)
 K = tl.constexpr(6)
 
 
-# ---- helpers: not triton.language's own @jit functions (tl.sum, tl.cdiv, tl.zeros), so that
-# kernels imported under TRITON_INTERPRET=1 run even when triton was imported before it was set --
-@triton.jit
-def _sum(x, axis: tl.constexpr = None):
-    """tl.sum's reduction (its combine function: the interpreter sums it with numpy)."""
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-@triton.jit
-def _cdiv(a, b):
-    return (a + b - 1) // b
+# Kernels use no triton.language @jit helpers (tl.sum, tl.cdiv, tl.zeros) -- tl.reduce with tl.sum's
+# combine function, (a + b - 1) // b and tl.full instead -- so that, imported under
+# TRITON_INTERPRET=1, they run even when triton was imported before it was set (as under pytest);
+# nested calls are few, each costs the interpreter a patch of triton.language.
+_ADD = tl.standard._sum_combine  # tl.sum's combine function (the interpreter sums it with numpy)
 
 
 # ---- activations: forward, dL/dy from the output, inverse ----------------------------------
@@ -117,15 +111,19 @@ def _vectors(PACK, C, c, cmask, MODE: tl.constexpr):
         beta = tl.load(v + BETA * C, mask=cmask, other=0)
     if MODE == XHAT:
         gamma = tl.load(v + GAMMA * C, mask=cmask, other=0)
-    if MODE == INPLACE:
-        inv_p = tl.load(PACK + 1)
-        elu_min = tl.load(PACK + 2)
+    p = tl.load(PACK)
+    if MODE == INPLACE:  # 1 / p (0 for p == 0) and the ELU inverse's clamp -1 + eps(acc), as abn_math.h
+        inv_p = tl.where(p != 0, 1 / tl.where(p != 0, p, 1.0), 0.0)
+        if PACK.dtype.element_ty == tl.float64:
+            elu_min = p * 0 - 1 + 2.220446049250313e-16
+        else:
+            elu_min = p * 0 - 1 + 1.1920928955078125e-07
     if MODE != FORWARD:
         a = tl.load(v + A * C, mask=cmask, other=0)
         b = tl.load(v + B * C, mask=cmask, other=0)
         k = tl.load(v + K * C, mask=cmask, other=0)
     return (tl.load(v + SHIFT * C, mask=cmask, other=0), tl.load(v + MUL * C, mask=cmask, other=0),
-            gamma, beta, a, b, k, tl.load(PACK), inv_p, elu_min)
+            gamma, beta, a, b, k, p, inv_p, elu_min)
 
 
 @triton.jit
@@ -196,7 +194,7 @@ def reduce_planes_kernel(SRC, Z, DZ, PACK, PART, N, C, S, GN, SPAN, NS, MODE: tl
                          ACT: tl.constexpr, GROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Planes layout, grid (C * P,): program (c, k) sums samples [n0, n0 + GN) x positions
     [s0, s0 + SPAN) of channel c, partial k = (sample group, position chunk) of P."""
-    P = _cdiv(N, GN) * NS
+    P = (N + GN - 1) // GN * NS
     pid = tl.program_id(0)
     c = pid // P
     k = pid - c * P
@@ -207,12 +205,13 @@ def reduce_planes_kernel(SRC, Z, DZ, PACK, PART, N, C, S, GN, SPAN, NS, MODE: tl
     s1 = tl.minimum(s0 + SPAN, S)
     center = 0.0
     if MODE == STATS:  # shifted sums: center on the mean of the program's first tile
-        rows = n0 + tl.arange(0, GROWS)
-        cols = s0 + tl.arange(0, BLOCK_S)
-        mask = (rows < n1)[:, None] & (cols < s1)[None, :]
-        off = ((rows.to(tl.int64) * C + c) * S)[:, None] + cols[None, :]
-        first = tl.load(SRC + off, mask=mask, other=0).to(PACK.dtype.element_ty)
-        center = _sum(first) / (tl.minimum(n1 - n0, GROWS) * tl.minimum(s1 - s0, BLOCK_S))
+        n_first = n0 + tl.arange(0, GROWS)
+        s_first = s0 + tl.arange(0, BLOCK_S)
+        off = ((n_first.to(tl.int64) * C + c) * S)[:, None] + s_first[None, :]
+        in_first = (n_first < n1)[:, None] & (s_first < s1)[None, :]
+        first = tl.load(SRC + off, mask=in_first, other=0).to(PACK.dtype.element_ty)
+        count = tl.minimum(n1 - n0, GROWS) * tl.minimum(s1 - s0, BLOCK_S)
+        center = tl.reduce(first, None, _ADD) / count
     su = tl.full([GROWS, BLOCK_S], 0, PACK.dtype.element_ty)
     sw = tl.full([GROWS, BLOCK_S], 0, PACK.dtype.element_ty)
     for n in range(n0, n1, GROWS):
@@ -225,8 +224,8 @@ def reduce_planes_kernel(SRC, Z, DZ, PACK, PART, N, C, S, GN, SPAN, NS, MODE: tl
                                  center, MODE, ACT)
             su += u
             sw += w
-    _store_partial(PART, P, C, k, c, c < C, (n1 - n0) * (s1 - s0), _sum(su), _sum(sw), center,
-                   MODE)
+    _store_partial(PART, P, C, k, c, c < C, (n1 - n0) * (s1 - s0), tl.reduce(su, None, _ADD),
+                   tl.reduce(sw, None, _ADD), center, MODE)
 
 
 @triton.jit
@@ -234,7 +233,7 @@ def reduce_rows_kernel(SRC, Z, DZ, PACK, PART, R, C, RSPAN, MODE: tl.constexpr, 
                        ROWS: tl.constexpr, CB: tl.constexpr):
     """Rows layout, grid (P * cdiv(C, CB),): program (k, channel block) sums rows
     [k * RSPAN, (k + 1) * RSPAN) of CB channels into partial k of P."""
-    ncb = _cdiv(C, CB)
+    ncb = (C + CB - 1) // CB
     pid = tl.program_id(0)
     k = pid // ncb
     cols = (pid - k * ncb) * CB + tl.arange(0, CB)
@@ -245,10 +244,10 @@ def reduce_rows_kernel(SRC, Z, DZ, PACK, PART, R, C, RSPAN, MODE: tl.constexpr, 
     cm2 = cmask[None, :]
     center = tl.full([1, CB], 0, PACK.dtype.element_ty)
     if MODE == STATS:  # shifted sums: center each channel on the mean of the first tile
-        rows = r0 + tl.arange(0, ROWS)
-        mask = (rows < r1)[:, None] & cm2
-        first = tl.load(SRC + rows.to(tl.int64)[:, None] * C + c2, mask=mask, other=0)
-        center = _sum(first.to(PACK.dtype.element_ty), 0)[None, :] / tl.minimum(r1 - r0, ROWS)
+        r_first = r0 + tl.arange(0, ROWS)
+        in_first = (r_first < r1)[:, None] & cm2
+        first = tl.load(SRC + r_first.to(tl.int64)[:, None] * C + c2, mask=in_first, other=0)
+        center = tl.reduce(first.to(PACK.dtype.element_ty), 0, _ADD)[None, :] / tl.minimum(r1 - r0, ROWS)
     su = tl.full([ROWS, CB], 0, PACK.dtype.element_ty)
     sw = tl.full([ROWS, CB], 0, PACK.dtype.element_ty)
     for r in range(r0, r1, ROWS):
@@ -258,8 +257,8 @@ def reduce_rows_kernel(SRC, Z, DZ, PACK, PART, R, C, RSPAN, MODE: tl.constexpr, 
                              cm2, center, MODE, ACT)
         su += u
         sw += w
-    _store_partial(PART, _cdiv(R, RSPAN), C, k, cols, cmask, r1 - r0, _sum(su, 0),
-                   _sum(sw, 0), _sum(center, 0), MODE)
+    _store_partial(PART, (R + RSPAN - 1) // RSPAN, C, k, cols, cmask, r1 - r0, tl.reduce(su, 0, _ADD),
+                   tl.reduce(sw, 0, _ADD), tl.reduce(center, 0, _ADD), MODE)
 
 
 @triton.jit
@@ -291,10 +290,10 @@ def merge_kernel(PART, OUT1, OUT2, P, C, STATS_: tl.constexpr, PB: tl.constexpr,
         else:
             a1 += v1
             a2 += v2
-    s1 = _sum(a1, 0)
-    s2 = _sum(a2, 0)
+    s1 = tl.reduce(a1, 0, _ADD)
+    s2 = tl.reduce(a2, 0, _ADD)
     if STATS_:
-        n = tl.where(cmask, _sum(a0, 0), 1.0)
+        n = tl.where(cmask, tl.reduce(a0, 0, _ADD), 1.0)
         s2 = tl.maximum(s2 - s1 * s1 / n, 0.0) / n
         s1 = ref + s1 / n
     tl.store(OUT1 + cols, s1.to(OUT1.dtype.element_ty), mask=cmask)
@@ -306,8 +305,8 @@ def elementwise_planes_kernel(SRC, Z, DZ, OUT, PACK, N, C, S, MODE: tl.constexpr
                               ACT: tl.constexpr, GROWS: tl.constexpr, BLOCK_S: tl.constexpr):
     """Planes layout, grid (<= cdiv(N, GROWS) * C, <= cdiv(S, BLOCK_S)) with grid-stride loops:
     axis 0 runs over (sample group, channel), axis 1 over position blocks."""
-    nsb = _cdiv(S, BLOCK_S)
-    for q in range(tl.program_id(0), _cdiv(N, GROWS).to(tl.int64) * C, tl.num_programs(0)):
+    nsb = (S + BLOCK_S - 1) // BLOCK_S
+    for q in range(tl.program_id(0), tl.cast((N + GROWS - 1) // GROWS, tl.int64) * C, tl.num_programs(0)):
         g = q // C
         c = q - g * C
         rows = g * GROWS + tl.arange(0, GROWS)
@@ -323,9 +322,9 @@ def elementwise_planes_kernel(SRC, Z, DZ, OUT, PACK, N, C, S, MODE: tl.constexpr
 def elementwise_rows_kernel(SRC, Z, DZ, OUT, PACK, R, C, MODE: tl.constexpr, ACT: tl.constexpr,
                             ROWS: tl.constexpr, CB: tl.constexpr):
     """Rows layout, grid (<= cdiv(R, ROWS), <= cdiv(C, CB)) with grid-stride loops."""
-    for rb in range(tl.program_id(0), _cdiv(R, ROWS), tl.num_programs(0)):
+    for rb in range(tl.program_id(0), (R + ROWS - 1) // ROWS, tl.num_programs(0)):
         rows = rb * ROWS + tl.arange(0, ROWS)
-        for cb in range(tl.program_id(1), _cdiv(C, CB), tl.num_programs(1)):
+        for cb in range(tl.program_id(1), (C + CB - 1) // CB, tl.num_programs(1)):
             cols = cb * CB + tl.arange(0, CB)
             mask = (rows < R)[:, None] & (cols < C)[None, :]
             _element(SRC, Z, DZ, OUT, rows.to(tl.int64)[:, None] * C + cols[None, :], mask, PACK, C,

@@ -143,14 +143,13 @@ def activation_code(name: str, inplace: bool = False) -> int:
 
 
 def pack(x: Tensor, param: float, **vectors: Tensor) -> Tensor:
-    """The kernels' ``PACK``: (param, 1/param, -1 + eps, 0) then the named (C,) vectors in the
-    order SHIFT, MUL, GAMMA, BETA, A, B, K (absent ones zero), in x's compute dtype."""
+    """The kernels' ``PACK`` in x's compute dtype: ``param`` (and padding to 4 values), then the
+    named (C,) vectors in the order shift, mul, gamma, beta, a, b, k (absent ones zero). Built on
+    x's device without a host-to-device copy."""
     cdt = compute_dtype(x)
-    head = torch.tensor([param, 1.0 / param if param else 0.0, -1.0 + torch.finfo(cdt).eps, 0.0],
-                        dtype=cdt, device=x.device)
     zero = x.new_zeros(x.shape[1], dtype=cdt)
     names = ("shift", "mul", "gamma", "beta", "a", "b", "k")
-    return torch.cat([head] + [vectors.get(n, zero) for n in names])
+    return torch.cat([x.new_full((4,), param, dtype=cdt)] + [vectors.get(n, zero) for n in names])
 
 
 # ---- the operators (ops.cpp) ------------------------------------------------------------------

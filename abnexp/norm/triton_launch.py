@@ -181,10 +181,12 @@ def _tiles(kernel: str) -> list[dict]:
     return [{"PB": BLOCK // cb, "CB": cb} for cb in (MAX_CB, 1)]
 
 
-def specializations(full: bool = False) -> list[tuple[str, dict, str]]:
-    """(kernel, constexprs, input dtype) to compile: every mode x activation in float32 (every
-    dtype with ``full``), each other dtype with the stats / forward and the ELU x-hat-with-z bodies,
-    and each tile shape once (tile sizes do not change the code, only its layout)."""
+def specializations(full: bool = False) -> list[tuple[str, dict, str, Optional[str]]]:
+    """(kernel, constexprs, input dtype, size argument passed as int64 or None) to compile: every
+    mode x activation in float32 (every dtype with ``full``), each other dtype with the stats /
+    forward and the ELU x-hat-with-z bodies, each tile shape once (tile sizes do not change the
+    code, only its layout), and once with the long axis (S or R) beyond 2^31 (Triton passes such
+    sizes as int64)."""
     k, specs = kernels(), []
     for kernel, modes in (("reduce_planes_kernel", ("stats", "inplace", "xhat_z", "xhat")),
                           ("reduce_rows_kernel", ("stats", "inplace", "xhat_z", "xhat")),
@@ -197,10 +199,12 @@ def specializations(full: bool = False) -> list[tuple[str, dict, str]]:
                     (mode, act) == ("xhat_z", "elu")
                 for dtype in DTYPE_NAMES if wide else DTYPE_NAMES[:1]:
                     const = getattr(k, FORMS[mode][0]).value
-                    specs.append((kernel, {"MODE": const, "ACT": ACTIVATIONS[act], **main}, dtype))
+                    specs.append((kernel, {"MODE": const, "ACT": ACTIVATIONS[act], **main}, dtype, None))
         first = FORMS[modes[0]][0]
-        specs += [(kernel, {"MODE": getattr(k, first).value, "ACT": 0, **t}, "fp32") for t in others]
-    specs += [("merge_kernel", {"STATS_": stats, **t}, dtype) for stats in (True, False)
+        specs += [(kernel, {"MODE": getattr(k, first).value, "ACT": 0, **t}, "fp32", None) for t in others]
+        long_axis = "S" if "planes" in kernel else "R"
+        specs.append((kernel, {"MODE": k.XHAT.value, "ACT": ACTIVATIONS["elu"], **main}, "fp32", long_axis))
+    specs += [("merge_kernel", {"STATS_": stats, **t}, dtype, None) for stats in (True, False)
               for t in _tiles("merge") for dtype in ("fp32", "fp64")]
     return specs
 
@@ -222,19 +226,19 @@ def _resources(compiled, backend: str) -> tuple[Optional[int], Optional[int]]:
     return (int(found.group(1)), int(found.group(2))) if found else (None, None)
 
 
-def _compile(kernel: str, const: dict, dtype: str, arch: str) -> dict:
+def _compile(kernel: str, const: dict, dtype: str, wide: Optional[str], arch: str) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(kernels(), kernel)
     kinds = {"x": dtype, "acc": "fp64" if dtype == "fp64" else "fp32", "fp64": "fp64"}
-    sig = {a: "constexpr" if a in const else f"*{kinds[POINTERS[a]]}" if a in POINTERS else "i32"
-           for a in fn.arg_names}
+    sig = {a: "constexpr" if a in const else f"*{kinds[POINTERS[a]]}" if a in POINTERS else
+           "i64" if a == wide else "i32" for a in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
                if a in POINTERS or a in ("C", "S", "SPAN")}  # as Triton specializes aligned sizes
     label = ",".join(f"{n}={v}" for n, v in const.items())
-    row = {"kernel": f"{kernel}[{label},{dtype}]", "arch": arch, "ok": False, "registers": None,
+    row = {"kernel": f"{kernel}[{label},{dtype}{f',{wide}:i64' if wide else ''}]", "arch": arch, "ok": False, "registers": None,
            "spills": None, "shared_bytes": None, "error": None}
     backend, target, warp = ARCHS[arch]
     try:
@@ -274,7 +278,7 @@ def compile_ahead(archs: list[str], full: bool = False) -> list[dict]:
         specs = specializations(full)
     except ImportError as err:
         raise AbnexpError(f"triton cannot be imported ({err}); install it with `pip install triton`") from err
-    return [_compile(kernel, const, dtype, arch) for arch in archs for kernel, const, dtype in specs]
+    return [_compile(*spec, arch) for arch in archs for spec in specs]
 
 
 if __name__ == "__main__":
