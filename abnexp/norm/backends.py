@@ -93,9 +93,9 @@ def _triton_build(archs: tuple[str, ...], cuda: Optional[bool], verbose: bool) -
     from abnexp.norm import triton_backend
 
     rows = triton_backend.compile_ahead(list(archs or ("sm_80", "sm_90", "gfx942")))
-    lines = [f"{'kernel':40s} {'arch':7s} {'registers':>9s} {'spills':>6s} {'shared B':>8s}"]
+    lines = [f"{'kernel':72s} {'arch':7s} {'registers':>9s} {'spills':>6s} {'shared B':>8s}"]
     for r in rows:
-        lines.append(f"{r['kernel']:40s} {r['arch']:7s} " + (
+        lines.append(f"{r['kernel']:72s} {r['arch']:7s} " + (
             f"{r['registers']:9d} {r['spills']:6d} {r['shared_bytes']:8d}" if r["ok"] else f"FAILED: {r['error']}"))
     failed = sum(not r["ok"] for r in rows)
     lines.append(f"abnexp kernels build --backend triton: {len(rows) - failed} of {len(rows)} kernels compiled")

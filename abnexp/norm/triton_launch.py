@@ -279,7 +279,3 @@ def compile_ahead(archs: list[str], full: bool = False) -> list[dict]:
     except ImportError as err:
         raise AbnexpError(f"triton cannot be imported ({err}); install it with `pip install triton`") from err
     return [_compile(*spec, arch) for arch in archs for spec in specs]
-
-
-if __name__ == "__main__":
-    print(json.dumps(compile_ahead(sys.argv[1].split(","), bool(int(sys.argv[2])))))
