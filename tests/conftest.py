@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -45,14 +46,22 @@ def tiny_root(demo_root, tmp_path_factory) -> Path:
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """Runs ``abnexp <args>`` in this process; returns (exit code, stdout, stderr)."""
+    """Runs ``abnexp <args>`` in this process; returns (exit code, stdout, stderr). The root
+    logger's handlers and level are restored afterwards: a command's logging set-up (Hydra's
+    job logging, logging.basicConfig) would otherwise outlive it, writing to this test's
+    captured stream after capsys closed it ("--- Logging error ---" in a later test)."""
     from abnexp.cli import main
 
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     code = 0
     try:
         main(args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
     out, err = capsys.readouterr()
     return code, out, err
 

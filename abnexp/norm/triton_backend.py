@@ -250,7 +250,7 @@ def coefficients(x: Tensor, invstd: Tensor, gamma: Tensor, beta: Tensor, sum_dy:
     g, inv = channel_vector(gamma, x, "gamma"), channel_vector(invstd, x, "invstd")
     s1, s2 = channel_vector(sum_dy, x, "sum_dy"), channel_vector(sum_dy_t, x, "sum_dy_t")
     a = g * inv
-    if not batch_stats:
+    if not batch_stats or x.numel() == 0:  # an empty input has no dL/dx to compute (as ops.cpp)
         return {"a": a}
     if count <= 0:
         raise RuntimeError(f"abnexp: count must be positive, got {count}")

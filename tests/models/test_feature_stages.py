@@ -79,7 +79,8 @@ def test_resnet_taps_are_torchvisions_layer_outputs(name):
         expected = list(extractor(x).values())
         maps = tapped(ours, x)
     for got, ref in zip(maps, expected):
-        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)  # float32 summation order only
+        scale = ref.abs().max().item()  # float32 rounding, relative to the map: the native kernels fuse (x - mean) * scale + beta
+        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0))
 
 
 def norm_act(raw: torch.Tensor, layer: ABN) -> torch.Tensor:

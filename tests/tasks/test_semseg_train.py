@@ -29,7 +29,7 @@ def test_task_semseg_selects_its_defaults_and_the_command_line_wins():
     assert (cfg.sched.name, cfg.data.name, cfg.model.output_stride, cfg.optim.lr) == ("step", "cityscapes", 8, 0.02)
     cfg = compose_cfg()  # classification untouched
     assert (cfg.task.name, cfg.data.name, cfg.sched.name, cfg.model.output_stride, cfg.optim.lr) == \
-        ("cls", "demo", "step", 32, 0.1)
+        ("cls", "demo", "cosine", 32, 0.1)  # the demo recipe's schedule (configs/data/demo.yaml)
 
 
 @pytest.mark.parametrize("data,classes", [("cityscapes", 19), ("coco_stuff", 171), ("vistas", 65),
