@@ -93,9 +93,10 @@ def train(cfg, run_dir: str | Path) -> dict:
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda", collate_fn=collate_fn,
                         generator=torch.Generator())
     val_loader = make_eval_loader(val_set, cfg, env=env, collate_fn=collate_fn)
-    optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size)
-    scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
     autocast_dtype = ctx.amp_dtype
+    optimizer = build_optimizer(model, cfg.optim, batch_size * env.world_size,
+                                loss_scaling=autocast_dtype == torch.float16)
+    scheduler = EpochLR(optimizer, cfg.sched, cfg.trainer.epochs)
     for warning in schedule_warnings(cfg.sched, cfg.trainer.epochs) if env.is_main else ():
         log.warning(warning)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
@@ -111,7 +112,10 @@ def train(cfg, run_dir: str | Path) -> dict:
     if found is not None:
         state = found[1]
         model.load_state_dict(state["model"])
+        fused = [g["fused"] for g in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for g, f in zip(optimizer.param_groups, fused):  # this run's choice (build_optimizer), not the saved one
+            g["fused"] = f
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])

@@ -108,6 +108,34 @@ def test_build_optimizer_steps_nesterov_sgd_with_decay_on_weights_only():
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
 
 
+def test_loss_scaling_optimizer_skips_an_overflowing_first_step():
+    """Under a GradScaler (amp=fp16) the first step's gradients overflow (the initial scale is
+    65536): the step must be skipped and leave no momentum, so the next step is SGD's first step
+    written out by hand. torch's fused SGD fails this (its unwritten momentum buffer is read at the
+    next step: non-finite or garbage weights), so build_optimizer does not fuse under loss scaling."""
+    optim = OmegaConf.create({"name": "sgd", "lr": 0.1, "base_batch_size": 256, "scale_lr": False,
+                              "momentum": 0.9, "nesterov": True, "weight_decay": 0.0,
+                              "decay_norm_and_bias": False})
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, optim, 256, loss_scaling=True)
+    assert not opt.defaults["fused"]
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    start = [p.detach().clone() for p in model.parameters()]
+    x = torch.tensor([[1.0, -2.0, 0.5]])
+    for inputs in (torch.full_like(x, float("inf")), x):  # an overflowing step, then a finite one
+        opt.zero_grad()
+        scaler.scale(model(inputs).sum()).backward()
+        scaler.step(opt)
+        scaler.update()
+        if inputs is not x:
+            assert scaler.get_scale() == 2.0  # skipped: the scale halved
+            assert all(torch.equal(p, s) for p, s in zip(model.parameters(), start))
+            assert not opt.state  # no momentum buffer (fused SGD keeps an unwritten one here)
+    grads = [torch.cat([x, x]), torch.ones(2)]  # d sum(W x + b) / dW, / db
+    for p, s, g in zip(model.parameters(), start, grads):  # first step: b = g; p -= lr (g + mu b)
+        torch.testing.assert_close(p.detach(), s - 0.1 * (g + 0.9 * g))
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(2)}, "config": "a: 1", "epoch": 1}, path)
