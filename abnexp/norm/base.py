@@ -116,6 +116,17 @@ class NormActBase(nn.Module):
         if local_stats and (self.training or self.running_mean is None):
             check_batch_size(x, self.layer_name())
 
+    def hold_for_backward(self, *tensors: Tensor) -> None:
+        """Keeps, until the next training call (attribute ``held_for_backward``, a list), tensors
+        that this call derived from buffers it then updates in place and that its gradients use
+        (BRN's r and d, CBN's window). Eager mode needs nothing of the sort (autograd saves what
+        it uses); under ``torch.compile`` they become outputs of the graph, which AOTAutograd then
+        saves for the backward. Otherwise its partitioner may recompute them in the backward from
+        the buffers, which by then hold this step's update, and the gradients come out wrong
+        (torch 2.14, also with backend="aot_eager"; pytorch/pytorch PR 197039;
+        tests/norm/test_no_host_sync.py compares compiled training with eager)."""
+        self.held_for_backward.extend(tensors)
+
     @staticmethod
     def advance(counter: Tensor) -> Tensor:
         """``counter += 1`` for a 0-dim counter buffer (on its device: no host read); returns the

@@ -63,6 +63,8 @@ class BatchRenorm2d(NormActBase):
     An empty input (N = 0 or a zero-size spatial dim) gives an empty output and leaves the running
     statistics and both counters untouched (the schedule does not advance); weight and bias get
     zero gradients. The schedule is computed on the device from ``num_steps`` (no host read).
+    ``held_for_backward``: the last training call's r and d per group (see
+    :meth:`~abnexp.norm.NormActBase.hold_for_backward`; what makes ``torch.compile`` exact).
 
     Raises:
         ValueError: bad options; wrong input rank or channels; one value per channel in training.
@@ -107,6 +109,7 @@ class BatchRenorm2d(NormActBase):
                              False, 0.0, self.eps)
         else:
             t = self.advance(self.num_steps)
+            self.held_for_backward = []
             y = for_each_group(lambda group: self._train_iteration(group, t), self.group_size, x)
         return activate(self.activation, y, self.activation_param)
 
@@ -124,6 +127,7 @@ class BatchRenorm2d(NormActBase):
             sigma = (running_var.to(cdt) + self.eps).sqrt()
             r = torch.clamp((std.detach() / sigma), r_lim.reciprocal(), r_lim)
             d = torch.clamp((mean.detach() - running_mean.to(cdt)) / sigma, -d_lim, d_lim)
+            self.hold_for_backward(r, d)  # read from the running statistics updated below
             update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
                                  values_per_channel(x), factor)
         # gamma * ((x - mu_B) / sigma_B * r + d) + beta = gamma * (x - (mu_B - d sigma_B / r)) * (r / sigma_B) + beta

@@ -171,7 +171,9 @@ class CBN2d(NormActBase):
     ``model.to(memory_format=torch.channels_last)`` leaves it alone; ``past_mean_dot``,
     ``past_sqmean_dot`` (k, C), each gradient's inner product with its iteration's weights;
     ``past_valid`` (k,) bool; ``num_steps`` (training calls); BatchNorm's running statistics
-    (``num_batches_tracked`` counts normalization batches).
+    (``num_batches_tracked`` counts normalization batches). ``held_for_backward``: the windows
+    (mu, nu, mask) the last training call's groups used (see
+    :meth:`~abnexp.norm.NormActBase.hold_for_backward`; what makes ``torch.compile`` exact).
 
     Raises:
         ValueError: bad options or conv; wrong input rank or channels; one value per channel.
@@ -268,7 +270,7 @@ class CBN2d(NormActBase):
             with torch.no_grad():
                 window = self._compensated(conv.weight.detach().to(cdt), in_window)
         inputs = split_groups(conv_input, self.group_size) if k else groups
-        outputs = []
+        outputs, self.held_for_backward = [], []
         n0 = self.num_batches_tracked.clone()  # read before _stats_mode updates it (see advance)
         for i, (xg, ug) in enumerate(zip(groups, inputs)):
             check_batch_size(xg, self.layer_name())
@@ -279,15 +281,17 @@ class CBN2d(NormActBase):
             else:
                 xc = xg.to(cdt)
                 var, mean = torch.var_mean(xc, dim=reduce_dims(xg), correction=0)
+            if window is not None:  # read from the buffers updated below
+                self.hold_for_backward(*window)
             mu_bar, var_bar = (mean, var) if window is None else window_statistics(mean, var, *window)
             with torch.no_grad():
                 update_running_stats(running_mean, running_var, mean.detach(), var.detach(),
                                      values_per_channel(xg), factor)
-                if window is not None:  # this iteration joins the window of the next groups
+                if window is not None:  # this iteration joins the window of the next groups (new tensors: held)
                     slot = torch.remainder(t - 1, k).reshape(1)
-                    window[0].index_copy_(0, slot, mean.unsqueeze(0))
-                    window[1].index_copy_(0, slot, (var + mean.square()).unsqueeze(0))
-                    window[2].index_copy_(0, slot, in_window.expand(1, self.num_features))
+                    window = (window[0].index_copy(0, slot, mean.unsqueeze(0)),
+                              window[1].index_copy(0, slot, (var + mean.square()).unsqueeze(0)),
+                              window[2].index_copy(0, slot, in_window.expand(1, self.num_features)))
                 if k and i >= len(groups) - k:
                     theta = conv.weight.detach().to(cdt)
                     self._record(t, mean, var, theta, *conv_statistics_grads(ug.detach().to(cdt),
