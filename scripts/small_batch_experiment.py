@@ -5,7 +5,7 @@ The MABN paper's ImageNet protocol in miniature (Yan et al., ICLR 2020, §5.1, T
 the same gradient batch of 32 per step, statistics over groups of 2 consecutive samples
 (``norm.group_size=2``) under BN, BRN, MABN and CBN, GroupNorm (batch-independent), and BN over
 the whole batch of 32 (the reference); zero-initialized residual branches for all. Demo data
-(abnexp.data.demo: 10 classes, 800 training / 200 validation images, 64 px, trained and
+(abnexp.data.demo: 10 classes, 800 training / 1,000 validation images, 64 px, trained and
 evaluated at 64 px).
 
 Protocol, in one command:
@@ -188,7 +188,10 @@ def _mean_std(values: list[float]) -> str:
 def write_outputs(study: dict, out: Path, figure: Path) -> None:
     """``out``: the markdown report of ``study``; ``figure``: top-1 per norm, mean ± std over seeds
     with and without precise BN (PNG); ``out`` with suffix .json: the raw numbers."""
+    from abnexp.data.demo import PER_CLASS, SOURCES, VERSION
+
     s, final = study, study["final"]
+    n_train, n_val = (len(SOURCES) * PER_CLASS[split] for split in ("train", "val"))
     done = sum(len(r) for r in final.values())
     total = len(s["seeds"]) * len(final)
     minutes = sum(r["seconds"] for rows in final.values() for r in rows) / 60 + sum(
@@ -200,7 +203,8 @@ def write_outputs(study: dict, out: Path, figure: Path) -> None:
         f"Command: `{s['command']}` ({minutes:.0f} min of training and evaluation, one process, "
         f"{s['threads']} torch thread, torch {s['torch']}).", "",
         f"ResNet-18 (torchvision's, zero-initialized residual branches: `model.zero_init_residual=true`), "
-        f"demo data (10 classes, 800 train / 200 val images of 64 px, trained and evaluated at 64 px), "
+        f"demo data (version {VERSION}: 10 classes, {n_train} train / {n_val} val images of 64 px, trained and "
+        f"evaluated at 64 px), "
         f"gradient batch {s['batch_size']}, {s['epochs']} epochs = {s['steps']['final']} steps, SGD "
         f"(Nesterov, momentum 0.9, wd 1e-4), cosine schedule. (2) = statistics over groups of 2 consecutive "
         f"samples of the batch of 32 (`norm.group_size=2`, the MABN paper's normalization batch). The papers' "
@@ -221,7 +225,7 @@ def write_outputs(study: dict, out: Path, figure: Path) -> None:
                      f"{_mean_std([r['precise'] for r in rows])} | "
                      f"{', '.join('{seed}: {running:.1f} / {precise:.1f}'.format(**r) for r in rows)} |")
     lines += ["", f"Top-1 = center-crop validation accuracy after the last epoch, mean ± standard deviation over "
-              f"seeds {', '.join(map(str, s['seeds']))} (200 images: one image = 0.5 %). Running stats: the "
+              f"seeds {', '.join(map(str, s['seeds']))} ({n_val} images: one image = {100 / n_val:g} %). Running stats: the "
               f"statistics kept during training; precise BN: re-estimated with the final weights as the "
               f"cumulative average over {s['precise_batches']} training batches of {s['batch_size']} "
               f"(abnexp.eval.precise_bn; GN has no running statistics, both columns are the same run).", "",

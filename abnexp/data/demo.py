@@ -23,8 +23,10 @@ from abnexp.progress import announced
 SOURCES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
            "hubble_deep_field", "rocket")
 IMAGE_SIZE = 64  # pixels
-PER_CLASS = {"train": 80, "val": 20}
-VERSION = 1  # bump when the generated content changes
+PER_CLASS = {"train": 80, "val": 100}
+VERSION = 2  # bump when the generated content changes (2: 100 validation crops per class, was 20)
+STREAM = 1  # the crops' random streams, unchanged since version 1: the training crops and the first
+#             20 validation crops of each class are version 1's
 
 
 def cache_dir() -> Path:
@@ -56,7 +58,7 @@ def _write(root: Path) -> None:
     for label, name in enumerate(SOURCES):
         photo = sample_photo(name)
         for split_id, (split, count) in enumerate(PER_CLASS.items()):
-            rng = np.random.default_rng([VERSION, label, split_id])
+            rng = np.random.default_rng([STREAM, label, split_id])
             folder = root / split / name
             folder.mkdir(parents=True)
             for i in range(count):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from abnexp.data.demo import PER_CLASS, SOURCES
 from conftest import run_cli, train_losses
 
 pytestmark = pytest.mark.slow  # the CLI end to end: training runs on the demo data
@@ -95,7 +96,7 @@ def test_eval_prints_three_protocols_and_writes_json(full_run, capsys):
     assert [r["crop"] for r in result["protocols"].values()] == [32, 32, 40]
     for name, r in result["protocols"].items():
         assert f"({name})" in out
-        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["num_samples"] == 200
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and r["num_samples"] == len(SOURCES) * PER_CLASS["val"]
     # The center-crop protocol is the validation the trainer ran after the last epoch.
     val = [json.loads(r) for r in (full_run / "metrics.jsonl").read_text().splitlines()]
     assert result["protocols"]["center"]["top1"] == pytest.approx(val[-1]["top1"])
