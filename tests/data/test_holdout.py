@@ -30,7 +30,7 @@ def test_demo_holdout_splits_the_train_folder_and_leaves_val_alone(demo_root):
     image, label = val[0]
     assert torch.equal(image, val[0][0]) and image.shape == (3, 64, 64)  # evaluation transform: deterministic
     full_train, full_val = classification_sets(compose([]).data)
-    assert (len(full_train), len(full_val)) == (800, 200)
+    assert (len(full_train), len(full_val)) == (800, 1000)  # the demo's val folder (100 per class)
 
 
 def test_holdout_out_of_range_is_a_config_error():
