@@ -199,7 +199,10 @@ def write_outputs(study: dict, out: Path, figure: Path) -> None:
     settings = "; ".join(f"{n}: `{' '.join(o for o in opts if not o.startswith('norm='))}`"
                          for n, opts in s["settings"].items() if len(opts) > 1)
     lines = [
-        "# Small-batch normalization on the demo data (normalization batch 2 vs BN at 32)", "",
+        "# Small-batch normalization on the demo data, the quick version (normalization batch 2 vs BN at 32)", "",
+        "Minutes on a CPU, and too small to separate the norms (one seed moves a row by several points): "
+        "the same study on real images, with intervals, is scripts/fashion_mnist_studies.py "
+        "(results/fashion_mnist_small_batch.md).", "",
         f"Command: `{s['command']}` ({minutes:.0f} min of training and evaluation, one process, "
         f"{s['threads']} torch thread, torch {s['torch']}).", "",
         f"ResNet-18 (torchvision's, zero-initialized residual branches: `model.zero_init_residual=true`), "
