@@ -146,6 +146,8 @@ def main(argv=None) -> None:
     runs = Path(args.runs)
     common = ["model=resnet18", "model.zero_init_residual=true", f"data.batch_size={args.batch_size}",
               "data.crop_size=64", "data.large_crop_size=64", "data.resize_ratio=1.0",
+              # the study's augmentation, ImageNet's strength (the demo recipe's became lighter)
+              "data.color_jitter=0.4", "data.lighting=0.1", "data.min_scale=0.25",
               f"trainer.epochs={args.epochs}", f"trainer.eval_every={args.epochs}",
               f"trainer.max_steps={args.max_steps}", "sched=cosine", "sched.warmup_epochs=0",
               "optim.scale_lr=false",  # the lr values are per run, not per 256 images as in the demo's recipe
