@@ -8,7 +8,7 @@ from pathlib import Path
 
 from abnexp.errors import ConfigError
 from abnexp.report.memory_table import memory_table
-from abnexp.report.tables import write_tables
+from abnexp.report.tables import pending_runs, write_tables
 
 USAGE = "usage: abnexp table RUN_DIR|SWEEP_DIR [...] [out=results/tables] | abnexp table memory [overrides]"
 
@@ -29,6 +29,10 @@ def table_command(argv: list[str]) -> None:
     if not paths:
         raise ConfigError(USAGE)
     written = write_tables(paths, out)
+    pending = pending_runs(paths)
+    if pending:
+        print(f"left out {len(pending)} run(s) with no result yet (no eval.json, no validation in "
+              f"metrics.jsonl): {', '.join(map(str, pending))}")
     if not written:
         raise ConfigError(f"no run with a result under {' '.join(paths)} (eval.json, or a validation row in "
                           f"metrics.jsonl): train until the first validation, or run `abnexp eval checkpoint=...`")

@@ -85,6 +85,13 @@ def find_runs(paths: list[str]) -> list[Path]:
     return sorted(set(runs))
 
 
+def pending_runs(paths: list[str]) -> list[Path]:
+    """The run dirs at or below ``paths`` with no result yet (no eval.json and no validation row in
+    metrics.jsonl, e.g. a sweep stopped by ``trainer.max_steps`` before its first validation): the
+    runs :func:`collect` leaves out."""
+    return [run for run in find_runs(paths) if run_result(run, OmegaConf.load(run / "config.yaml")) is None]
+
+
 def metric(result: dict, path: str) -> float | None:
     """The value at dotted ``path`` of an eval.json dict (``100-path``: 100 minus it), or None."""
     complement = path.startswith("100-")

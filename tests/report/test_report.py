@@ -74,12 +74,20 @@ def test_table_on_a_fresh_sweep_uses_its_training_time_validation(tiny_root, tmp
     assert run_cli(["train", "-m", "seed=0,1", *tiny, f"data.root={tiny_root}", "trainer.log_every=1",
                     f"hydra.sweep.dir={sweep}"], capsys)[0] == 0
     assert not list(sweep.rglob("eval.json"))
+    pending = sweep / "2_stopped_before_validation"  # a run of the sweep with train rows only
+    pending.mkdir()
+    first = next(sweep.glob("0_*"))
+    (pending / "config.yaml").write_text((first / "config.yaml").read_text())
+    train_rows = [line for line in (first / "metrics.jsonl").read_text().splitlines() if '"val"' not in line]
+    (pending / "metrics.jsonl").write_text("\n".join(train_rows) + "\n")
     out = tmp_path / "tables"
     code, stdout, err = run_cli(["table", str(sweep), f"out={out}"], capsys)
     assert code == 0, err
+    assert "left out 1 run(s) with no result yet" in stdout and str(pending) in stdout
+    assert str(pending) not in (out / "runs.md").read_text()
     assert {p.name for p in out.iterdir()} == {"runs.md", "runs_loss.png"}
     table = (out / "runs.md").read_text()
-    for run in sweep.glob("*/metrics.jsonl"):
+    for run in set(sweep.glob("*/metrics.jsonl")) - {pending / "metrics.jsonl"}:
         last = [json.loads(line) for line in run.read_text().splitlines() if '"val"' in line][-1]
         assert f"| {round(last['top1'], 2)} | validation, epoch 1 †" in table
 
