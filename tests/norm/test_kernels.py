@@ -320,7 +320,7 @@ def test_sources_ship_with_the_package():
     assert config["package-dir"]["abnexp.kernels"] == "kernels"
     patterns = config["package-data"]["abnexp.kernels"]
     for source in native.sources(cuda=True) + [native.kernels_dir() / h for h in
-                                               ("abn.h", "abn_math.h", "abn_cpu_loops.h")]:
+                                               ("abn.h", "abn_math.h", "abn_cpu_loops.h", "abn_cuda_ops.h")]:
         assert source.is_file()
         assert any(source.match(p) for p in patterns), source.name
 
