@@ -40,14 +40,15 @@ import numpy as np
 import pytest
 import torch
 
-CU = (Path(__file__).resolve().parents[2] / "kernels" / "abn_cuda.cu").read_text()
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+CU = "".join((KERNELS / name).read_text() for name in ("abn_cuda_ops.h", "abn_cuda.cu"))  # the CUDA module
 TOLERANCE = 1e-5  # abnexp kernels check: float32 statistics, relative
 SHAPE = (3, 5, 123, 211)  # (N, C, H, W): C = 5, 77 859 values per channel
 F32 = np.float32
 
 
 def constant(name: str) -> int:
-    """``constexpr int <name> = <value>;`` of kernels/abn_cuda.cu."""
+    """``constexpr int <name> = <value>;`` of the CUDA module (kernels/abn_cuda_ops.h, abn_cuda.cu)."""
     return int(re.search(rf"constexpr int {name} = (\d+);", CU).group(1))
 
 
@@ -209,7 +210,7 @@ def relative_variance_error(x: np.ndarray, var: np.ndarray) -> float:
 
 def test_emulation_mirrors_the_kernel_source():
     missing = [line for line in MIRRORED if line not in CU]
-    assert not missing, f"kernels/abn_cuda.cu changed: update this emulation for {missing}"
+    assert not missing, f"kernels/abn_cuda.cu or abn_cuda_ops.h changed: update this emulation for {missing}"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
