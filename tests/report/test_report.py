@@ -38,15 +38,15 @@ TINY = ["data=demo", "model=resnet18", "trainer.max_steps=1", "trainer.epochs=1"
 
 
 @pytest.mark.slow  # trains and evaluates runs through the CLI
-def test_table_fills_the_cells_of_the_runs(tmp_path, capsys):
-    runs = tmp_path / "runs"
+def test_table_fills_the_cells_of_the_runs(tiny_root, tmp_path, capsys):
+    runs = tmp_path / "runs"  # trained and evaluated on the tiny demo split (20 validation images)
     recipe = "inplace_abn_t2/resnext101_bn"
     for i in range(2):  # two seeds of one row: averaged
-        assert run_cli(["train", f"experiment={recipe}", *TINY, f"seed={i}",
+        assert run_cli(["train", f"experiment={recipe}", *TINY, f"data.root={tiny_root}", f"seed={i}",
                         f"hydra.run.dir={runs / f'r{i}'}"], capsys)[0] == 0
         assert run_cli(["eval", f"checkpoint={runs / f'r{i}' / 'checkpoints' / 'last.pt'}"], capsys)[0] == 0
     plain = tmp_path / "plain"  # a run of no recipe goes to the plain table
-    assert run_cli(["train", *TINY, f"hydra.run.dir={plain}"], capsys)[0] == 0
+    assert run_cli(["train", *TINY, f"data.root={tiny_root}", f"hydra.run.dir={plain}"], capsys)[0] == 0
     assert run_cli(["eval", f"checkpoint={plain / 'checkpoints' / 'last.pt'}"], capsys)[0] == 0
 
     out = tmp_path / "tables"
