@@ -24,9 +24,10 @@ after every run: results/fashion_mnist_parity.{md,json,png} and
 results/fashion_mnist_small_batch.{md,json,png} with the command, machine, torch version and time.
 
 Example: ``python scripts/fashion_mnist_studies.py --root /usr/share/datasets/fashion-mnist``. Size:
-45 runs of 624 steps (the lr search's: 562) plus 3-4 passes over the test set each; measured
-294-320 s per Study 1 run on two cores (2 torch threads), so about 4 hours in all (the grouped
-small-batch norms are slower per step); ``--train-subset`` and ``--epochs`` trade it against accuracy.
+45 runs of 624 steps (the lr search's too: the held-out 600 images per class come after the first
+1,000), each with 3-4 passes over the test set (the search's: over the 6,000 held-out images);
+measured 272-320 s per Study 1 run and 250-350 s per search run on two cores (2 torch threads), so
+about 4 hours in all; ``--train-subset`` and ``--epochs`` trade it against accuracy.
 """
 from __future__ import annotations
 
