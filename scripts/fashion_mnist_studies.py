@@ -18,8 +18,10 @@ MABN(2) > BRN(2) > BN(2)) and the CBN paper's Table 3 (CBN > GN > BRN > BN at ba
 
 Both use the recipe of configs/experiment/fashion_mnist (ResNet-18, small_pool stem, batch 32,
 cosine lr) on a training subset (``--train-subset`` images per class) for ``--epochs`` epochs;
-every cell is evaluated on the full test set. Each run's result is kept in its run folder, so the
-same command started again continues (the trainer resumes an unfinished run). Outputs, rewritten
+every cell is evaluated on the full test set. Each run's result is kept in its run folder and in the
+study's results JSON, so the same command started again continues (the trainer resumes an unfinished
+run; a run recorded in a JSON written with the same settings is not trained again, even when the run
+folders are gone). Outputs, rewritten
 after every run: results/fashion_mnist_parity.{md,json,png} and
 results/fashion_mnist_small_batch.{md,json,png} with the command, machine, torch version and time.
 
@@ -111,6 +113,16 @@ def swapped_top1(overrides: list[str], activation: str, run_dir: Path) -> float:
     top1 = evaluate(model, DataLoader(task.datasets()[1], batch_size=100), torch.device("cpu"))["top1"]
     saved.write_text(json.dumps({"activation": activation, "top1": top1}) + "\n")
     return top1
+
+
+def recorded(path: Path, s: dict, keys: tuple[str, ...]) -> dict:
+    """The study JSON at ``path`` when it was written with the same ``keys`` of ``s`` (the settings
+    its runs depend on), else {} (no file, or other settings: every run is trained again)."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == json.loads(json.dumps(s[k], default=str)) for k in keys)
+    return old if same else {}
 
 
 def header(s: dict, title: str, minutes: float) -> list[str]:
@@ -235,6 +247,7 @@ def main(argv=None) -> None:
          "machine": f"{os.cpu_count()} CPUs, {platform.platform()}",
          "torch": torch.__version__, "threads": args.threads, "seeds": seeds, "epochs": args.epochs,
          "train_subset": args.train_subset, "batch_size": 32, "steps": steps, "test_images": test_images}
+    same = ("epochs", "train_subset", "batch_size", "steps", "test_images", "threads")
     runs, out, t0 = Path(args.runs), Path(args.out), time.perf_counter()
 
     def run(folder: Path, overrides: list[str]) -> dict:
@@ -245,13 +258,17 @@ def main(argv=None) -> None:
 
     if "parity" in args.studies:
         s["parity"] = {name: [] for name in PARITY}
+        old = recorded(out / "fashion_mnist_parity.json", s, same)
+        kept = {(name, r["seed"]): r for name, rs in old.get("parity", {}).items() for r in rs}
         for seed in seeds:  # seeds outermost: every row has values if stopped early
             for name, (norm, activation) in PARITY.items():
                 overrides = [f"norm={norm}", f"norm.activation={activation}", f"seed={seed}"]
                 folder = Path("parity") / f"{norm}_{activation}" / f"seed{seed}"
-                r = run(folder, overrides)
-                r["swapped"] = swapped_top1(common + overrides, SWAP[activation], runs / folder)
-                s["parity"][name].append({"seed": seed, **r})
+                r = kept.get((name, seed))
+                if r is None:
+                    r = {"seed": seed, **run(folder, overrides)}
+                    r["swapped"] = swapped_top1(common + overrides, SWAP[activation], runs / folder)
+                s["parity"][name].append(r)
                 write_parity(s, out / "fashion_mnist_parity.md")
     if "small_batch" in args.studies:
         lrs = [float(v) for v in args.lrs.split(",")]
@@ -260,17 +277,21 @@ def main(argv=None) -> None:
         zero = ["model.zero_init_residual=true"]  # as scripts/small_batch_experiment.py
         s.update(lrs=lrs, select_seed=args.select_seed, settings=table["final"], lr={},
                  search={n: {} for n in table["final"]}, small_batch={n: [] for n in table["final"]})
+        old = recorded(out / "fashion_mnist_small_batch.json", s, (*same, "lrs", "select_seed", "settings"))
+        kept = {(name, r["seed"]): r for name, rs in old.get("small_batch", {}).items() for r in rs}
         tag = lambda n: n.replace(" ", "").replace("(", "_").replace(")", "")  # noqa: E731
         for name in table["final"]:
             for lr in lrs:
-                s["search"][name][lr] = run(Path("search") / tag(name) / f"lr{lr}", [
-                    *table["search"][name], *zero, f"optim.lr={lr}", f"data.holdout={HOLDOUT}", f"seed={args.select_seed}"])
+                s["search"][name][lr] = old.get("search", {}).get(name, {}).get(str(lr)) or run(
+                    Path("search") / tag(name) / f"lr{lr}",
+                    [*table["search"][name], *zero, f"optim.lr={lr}", f"data.holdout={HOLDOUT}", f"seed={args.select_seed}"])
             s["lr"][name] = max(lrs, key=lambda lr: s["search"][name][lr]["precise"])
         for seed in seeds:
             for name in table["final"]:
-                r = run(Path("small_batch") / tag(name) / f"seed{seed}",
-                        [*table["final"][name], *zero, f"optim.lr={s['lr'][name]}", f"seed={seed}"])
-                s["small_batch"][name].append({"seed": seed, **r})
+                r = kept.get((name, seed)) or {"seed": seed, **run(
+                    Path("small_batch") / tag(name) / f"seed{seed}",
+                    [*table["final"][name], *zero, f"optim.lr={s['lr'][name]}", f"seed={seed}"])}
+                s["small_batch"][name].append(r)
                 write_small_batch(s, out / "fashion_mnist_small_batch.md")
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; outputs in {out}")
 
