@@ -49,3 +49,40 @@ def test_parity_study_end_to_end_on_tiny_files(tmp_path):
     text = (tmp_path / "out" / "fashion_mnist_parity.md").read_text()
     assert "| InPlace-ABN + Leaky ReLU |" in text and "Partial" not in text
     assert (tmp_path / "out" / "fashion_mnist_parity.png").stat().st_size > 0
+
+
+def test_runs_recorded_in_the_results_json_are_not_trained_again(tmp_path, monkeypatch):
+    """A run whose result is in the study's JSON (same settings) is kept when runs/ is gone; a JSON
+    written with other settings (here another epoch count) is not trusted: every run trains again."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "data"))
+    import test_fashion_mnist as fm
+
+    fm.write_fashion(tmp_path / "fm")
+    s = studies()
+    trained = []
+
+    def fake_train(overrides, run_dir, precise_batches):
+        trained.append(Path(run_dir).relative_to(tmp_path / "runs").as_posix())
+        return {"running": 60.0, "precise": 61.0, "seconds": 1.0}
+
+    monkeypatch.setattr(s, "train_and_evaluate", fake_train)
+    monkeypatch.setattr(s, "swapped_top1", lambda overrides, activation, run_dir: 59.0)
+    argv = ["--root", str(tmp_path / "fm"), "--studies", "parity", "--seeds", "0,1", "--epochs", "1",
+            "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    s.main(argv)
+    assert len(trained) == 10
+    report = tmp_path / "out" / "fashion_mnist_parity.json"
+    kept = json.loads(report.read_text())
+    kept["parity"]["BN + ReLU"] = [r for r in kept["parity"]["BN + ReLU"] if r["seed"] == 0]  # seed 1 "not finished"
+    kept["parity"]["BN + Leaky ReLU"][0]["running"] = 77.0  # recorded values are read back, not recomputed
+    report.write_text(json.dumps(kept))
+    trained.clear()
+    s.main(argv)
+    assert trained == ["parity/bn_relu/seed1"]
+    again = json.loads(report.read_text())
+    assert again["parity"]["BN + Leaky ReLU"][0]["running"] == 77.0 and len(again["parity"]["BN + ReLU"]) == 2
+    trained.clear()
+    s.main([*argv[:7], "2", *argv[8:]])  # --epochs 2
+    assert len(trained) == 10  # other settings: nothing recorded is reused
