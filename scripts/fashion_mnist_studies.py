@@ -21,9 +21,8 @@ cosine lr) on a training subset (``--train-subset`` images per class) for ``--ep
 every cell is evaluated on the full test set. Each run's result is kept in its run folder and in the
 study's results JSON, so the same command started again continues (the trainer resumes an unfinished
 run; a run recorded in a JSON written with the same settings is not trained again, even when the run
-folders are gone). Outputs, rewritten
-after every run: results/fashion_mnist_parity.{md,json,png} and
-results/fashion_mnist_small_batch.{md,json,png} with the command, machine, torch version and time.
+folders are gone). Outputs, rewritten after every run: results/fashion_mnist_parity.{md,json,png}
+and results/fashion_mnist_small_batch.{md,json,png} with the command, machine, torch version and time.
 
 Example: ``python scripts/fashion_mnist_studies.py --root /usr/share/datasets/fashion-mnist``. Size:
 45 runs of 624 steps (the lr search's too: the held-out 600 images per class come after the first
@@ -279,10 +278,11 @@ def main(argv=None) -> None:
                  search={n: {} for n in table["final"]}, small_batch={n: [] for n in table["final"]})
         old = recorded(out / "fashion_mnist_small_batch.json", s, (*same, "lrs", "select_seed", "settings"))
         kept = {(name, r["seed"]): r for name, rs in old.get("small_batch", {}).items() for r in rs}
+        searched = {(name, float(lr)): r for name, grid in old.get("search", {}).items() for lr, r in grid.items()}
         tag = lambda n: n.replace(" ", "").replace("(", "_").replace(")", "")  # noqa: E731
         for name in table["final"]:
             for lr in lrs:
-                s["search"][name][lr] = old.get("search", {}).get(name, {}).get(str(lr)) or run(
+                s["search"][name][lr] = searched.get((name, lr)) or run(
                     Path("search") / tag(name) / f"lr{lr}",
                     [*table["search"][name], *zero, f"optim.lr={lr}", f"data.holdout={HOLDOUT}", f"seed={args.select_seed}"])
             s["lr"][name] = max(lrs, key=lambda lr: s["search"][name][lr]["precise"])
